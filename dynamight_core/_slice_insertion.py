@@ -1,0 +1,75 @@
+"""Trilinear insertion of central slices sampled on the image's own grid into a padded 3D rfft.
+
+torch-fourier-slice inserts slices whose grid matches the volume, which forces images to be padded
+in real space; with a rapidly oscillating CTF that is not the same as inserting the measured
+samples. RELION inserts the box-grid samples at coordinates scaled by the padding factor; so do we.
+Layout: unshifted 3D rfft ``(p, p, p // 2 + 1)`` = ``(z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def slice_coordinates_rfft(box_size: int, padded_size: int, rotations: torch.Tensor):
+    """Volume-frame coordinates (voxels of the padded rfft, xyz) of an image's rfft samples.
+
+    Returns ``coords (b, m, 3)`` and ``keep (box, box // 2 + 1)``, the mask of image rfft pixels
+    inside Nyquist that are inserted (``m`` of them).
+    """
+    device = rotations.device
+    ky = torch.fft.fftfreq(box_size, device=device)
+    kx = torch.fft.rfftfreq(box_size, device=device)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    keep = (gx * gx + gy * gy) <= 0.25
+    k_img = torch.stack([gx[keep], gy[keep], torch.zeros_like(gx[keep])], dim=-1)  # (m, 3)
+    # a map point r projects to (A r)[:2]; an image frequency k lies at A^T k in the map's frame
+    coords = torch.einsum("bji,mj->bmi", rotations.to(torch.float32), k_img) * padded_size
+    return coords, keep
+
+
+def insert_slices_rfft_3d(
+    data: torch.Tensor,  # (p, p, p//2+1) complex accumulator, updated in place
+    weight: torch.Tensor,  # (p, p, p//2+1) real accumulator, updated in place
+    values: torch.Tensor,  # (b, m) complex samples
+    weights: torch.Tensor,  # (b, m) real samples (e.g. CTF²)
+    coords: torch.Tensor,  # (b, m, 3) xyz in padded voxels
+) -> None:
+    """Add ``values`` and ``weights`` at ``coords`` with trilinear weights (Friedel-aware)."""
+    p = data.shape[0]
+    flip = coords[..., 0] < 0
+    coords = torch.where(flip[..., None], -coords, coords)
+    values = torch.where(flip, values.conj(), values)
+    coords, values, weights = coords.reshape(-1, 3), values.reshape(-1), weights.reshape(-1)
+    base = torch.floor(coords)
+    frac = coords - base
+    base = base.long()
+    nx = data.shape[2]
+    flat_data, flat_weight = data.view(-1), weight.view(-1)
+    for dz in (0, 1):
+        wz = frac[:, 2] if dz else 1 - frac[:, 2]
+        z = (base[:, 2] + dz) % p
+        for dy in (0, 1):
+            wy = frac[:, 1] if dy else 1 - frac[:, 1]
+            y = (base[:, 1] + dy) % p
+            for dx in (0, 1):
+                wx = frac[:, 0] if dx else 1 - frac[:, 0]
+                x = base[:, 0] + dx
+                w = wz * wy * wx
+                ok = x < nx
+                idx = ((z * p + y) * nx + x)[ok]
+                flat_data.index_add_(0, idx, (values * w)[ok])
+                flat_weight.index_add_(0, idx, (weights * w)[ok])
+
+
+def symmetrise_x0_plane(volume_rfft: torch.Tensor, conjugate: bool) -> torch.Tensor:
+    """Complete the Hermitian ``x = 0`` plane: add each voxel's Friedel mate ``(-z, -y)``.
+
+    Samples inserted near ``x = 0`` imply mates at ``x <= 0`` that the half transform stores in the
+    same plane; adding them makes the plane Hermitian, as ``irfftn`` assumes.
+    """
+    out = volume_rfft.clone()
+    plane = volume_rfft[:, :, 0]
+    mate = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
+    out[:, :, 0] = plane + (mate.conj() if conjugate else mate)
+    return out

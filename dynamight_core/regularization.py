@@ -1,0 +1,176 @@
+"""Geometric regularisation of the deformations: distance preservation, repulsion, and the
+gradient-norm rule that balances them against the data term.
+
+Rules (all distances in Å, positions xyz relative to the box centre):
+
+- **Neighbour scale** ``s`` (:func:`mean_neighbour_distance`): for each consensus Gaussian the
+  mean distance to its ``k = 2`` nearest other Gaussians, averaged over all Gaussians.
+- **Neighbour graph** (:func:`build_neighbour_graph`): an undirected edge ``(i, j)``, ``i < j``,
+  for every pair with ``|x_i - x_j| <= factor * s``, ``factor = 1.5`` by default (scipy
+  ``cKDTree.query_pairs``). Each edge remembers its consensus (rest) length. On a simple cubic
+  lattice of spacing ``a`` (``s = a``) the default gives the 6 face neighbours plus the 12
+  edge diagonals (``sqrt(2) a < 1.5 a``); ``factor < sqrt(2)`` gives the 6 face neighbours only.
+- **Distance preservation** (:func:`distance_preservation_loss`): per particle, the mean over
+  edges of the squared relative length change ``((l - l0) / l0)**2`` (dimensionless; with
+  ``relative=False`` the squared absolute change in Å²). Zero for any rigid motion.
+- **Repulsion** (:func:`repulsion_loss`): per particle, ``sum over candidate pairs of
+  relu(1 - d / min_distance)**2``, divided by the number of Gaussians (dimensionless, zero when
+  every pair is at least ``min_distance`` apart). Candidate pairs come from a ``cKDTree`` radius
+  query on positions the caller supplies (the consensus, once per epoch) with a search radius
+  larger than ``min_distance`` (default ``2 * min_distance``) so that pairs which approach each
+  other during the epoch are still seen (:func:`repulsion_candidate_pairs`).
+- **Balance** (:func:`gradient_norm_ratio_lambda`): ``lambda = factor * ||grad data|| /
+  ||grad reg||`` over the decoder parameters, recomputed once per epoch by the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+logger = logging.getLogger(__name__)
+
+
+def _as_numpy_positions(positions: torch.Tensor | np.ndarray) -> np.ndarray:  # (n, 3) float64
+    if isinstance(positions, torch.Tensor):
+        positions = positions.detach().cpu().numpy()
+    array = np.asarray(positions, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise ValueError(f"positions must be (n, 3), got shape {array.shape}")
+    return array
+
+
+def _pairs_to_tensor(pairs: np.ndarray) -> torch.Tensor:  # (P, 2) long, rows sorted
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    return torch.from_numpy(np.ascontiguousarray(pairs[order]))
+
+
+def mean_neighbour_distance(positions: torch.Tensor | np.ndarray, k: int = 2) -> float:
+    """Mean over points of the mean distance (Å) to their ``k`` nearest other points."""
+    points = _as_numpy_positions(positions)
+    if points.shape[0] <= k:
+        raise ValueError(f"need more than {k} points, got {points.shape[0]}")
+    distances, _ = cKDTree(points).query(points, k=k + 1)  # column 0 is the point itself
+    return float(distances[:, 1:].mean())
+
+
+def build_neighbour_graph(
+    positions: torch.Tensor | np.ndarray,  # (n, 3) consensus xyz, Å
+    factor: float = 1.5,
+) -> tuple[torch.Tensor, torch.Tensor]:  # edges (E, 2) long with i < j, rest_lengths (E,) Å
+    """Edges between Gaussians closer than ``factor`` times the mean distance to the two
+    nearest neighbours (see module docstring), and their rest lengths (float32, Å)."""
+    points = _as_numpy_positions(positions)
+    cutoff = factor * mean_neighbour_distance(points, k=2)
+    edges = _pairs_to_tensor(cKDTree(points).query_pairs(cutoff, output_type="ndarray"))
+    p = torch.from_numpy(points)
+    rest_lengths = (p[edges[:, 0]] - p[edges[:, 1]]).norm(dim=-1).to(torch.float32)
+    logger.debug("neighbour graph: cutoff %.3f Å, %d edges on %d points (%.2f per point)",
+                 cutoff, edges.shape[0], points.shape[0], 2 * edges.shape[0] / points.shape[0])
+    return edges, rest_lengths
+
+
+def _edge_lengths(
+    deformed: torch.Tensor,  # (b, n, 3)
+    pairs: torch.Tensor,  # (E, 2) long
+) -> torch.Tensor:  # (b, E)
+    pairs = pairs.to(deformed.device)
+    difference = deformed[:, pairs[:, 0]] - deformed[:, pairs[:, 1]]
+    # tiny offset (1e-12 Å²) keeps the gradient finite if two points coincide
+    return torch.sqrt((difference**2).sum(dim=-1) + 1e-12)
+
+
+def distance_preservation_loss(
+    deformed: torch.Tensor,  # (b, n, 3) deformed positions, Å
+    edges: torch.Tensor,  # (E, 2) long
+    rest_lengths: torch.Tensor,  # (E,) Å
+    *,
+    relative: bool = True,
+) -> torch.Tensor:  # (b,)
+    """Mean over edges of the squared change of edge length, per particle: relative
+    ``((l - l0) / l0)**2`` (dimensionless) or, with ``relative=False``, absolute (Å²)."""
+    if edges.shape[0] == 0:
+        return deformed.new_zeros(deformed.shape[0])
+    lengths = _edge_lengths(deformed, edges)
+    rest = rest_lengths.to(device=deformed.device, dtype=deformed.dtype)
+    change = lengths - rest
+    if relative:
+        change = change / rest.clamp_min(torch.finfo(rest.dtype).eps)
+    return (change**2).mean(dim=-1)
+
+
+def repulsion_candidate_pairs(
+    positions: torch.Tensor | np.ndarray,  # (n, 3) xyz, Å (the consensus, once per epoch)
+    min_distance: float,
+    search_radius: float | None = None,
+) -> torch.Tensor:  # (P, 2) long with i < j
+    """All pairs within ``search_radius`` (Å, default ``2 * min_distance``) of each other."""
+    radius = 2.0 * min_distance if search_radius is None else search_radius
+    if radius < min_distance:
+        raise ValueError(f"search_radius {radius} must be >= min_distance {min_distance}")
+    points = _as_numpy_positions(positions)
+    return _pairs_to_tensor(cKDTree(points).query_pairs(radius, output_type="ndarray"))
+
+
+def repulsion_loss(
+    deformed: torch.Tensor,  # (b, n, 3) deformed positions, Å
+    min_distance: float,  # Å
+    pairs: torch.Tensor,  # (P, 2) long candidate pairs (edges or repulsion_candidate_pairs)
+) -> torch.Tensor:  # (b,)
+    """Per particle ``sum_pairs relu(1 - d / min_distance)**2 / n`` (dimensionless); zero when
+    all candidate pairs are at least ``min_distance`` apart."""
+    if pairs.shape[0] == 0:
+        return deformed.new_zeros(deformed.shape[0])
+    distances = _edge_lengths(deformed, pairs)
+    overlap = torch.relu(1.0 - distances / min_distance)
+    return (overlap**2).sum(dim=-1) / deformed.shape[1]
+
+
+def _gradient_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
+    if not loss.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    squares = [g.detach().pow(2).sum() for g in grads if g is not None]
+    if not squares:
+        return 0.0
+    return float(torch.stack(squares).sum().sqrt())
+
+
+def gradient_norm_ratio_lambda(
+    data_loss: torch.Tensor,  # scalar
+    reg_loss: torch.Tensor,  # scalar
+    params: Iterable[torch.Tensor],  # decoder parameters
+    factor: float,
+    fallback: float | None = None,
+) -> float:
+    """``lambda = factor * ||d data / d params|| / ||d reg / d params||`` (L2 over all params).
+
+    Uses ``torch.autograd.grad(..., retain_graph=True)``: the graphs survive for the caller's
+    backward and no ``.grad`` is touched. When the regulariser gradient vanishes (e.g. a
+    zero-initialised decoder sits at its minimum) ``fallback`` (default ``factor``) is returned.
+    """
+    param_list = [p for p in params if p.requires_grad]
+    if not param_list:
+        raise ValueError("no parameter requires grad")
+    data_norm = _gradient_norm(data_loss, param_list)
+    reg_norm = _gradient_norm(reg_loss, param_list)
+    if not np.isfinite(data_norm) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
+        value = factor if fallback is None else fallback
+        logger.debug("gradient-norm lambda: |grad reg| = %g, using fallback %g", reg_norm, value)
+        return float(value)
+    return float(factor * data_norm / reg_norm)
+
+
+__all__ = [
+    "build_neighbour_graph",
+    "distance_preservation_loss",
+    "gradient_norm_ratio_lambda",
+    "mean_neighbour_distance",
+    "repulsion_candidate_pairs",
+    "repulsion_loss",
+]

@@ -1,0 +1,81 @@
+"""The ``dynamight`` (and ``relion_dynamight``) command: one sub-command per pipeline stage.
+
+Each command module exposes ``add_args(parser)`` and ``main(args)``. This entry point configures
+logging (line by line on stdout, so RELION's ``run.out`` shows progress as it happens), turns bad
+input into a one-paragraph error, prints full tracebacks for anything else, and writes RELION's
+exit-status file when ``--pipeline-control`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from .commands import demo, reconstruct, simulate
+from .errors import InputError
+from .job_protocol import JobAborted, PipelineControl
+
+COMMANDS = {
+    "simulate": simulate,
+    "reconstruct": reconstruct,
+    "demo": demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynamight",
+        description="DynaMight for RELION: deformations of a Gaussian model per particle, "
+                    "inverse deformations and deformed backprojection into two half maps.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(p)
+        if not any(a.dest == "pipeline_control" for a in p._actions):
+            p.add_argument("--pipeline-control", "--pipeline_control", dest="pipeline_control",
+                           default=None, metavar="DIR",
+                           help="RELION job folder: write exit-status files there and stop "
+                                "when RELION_JOB_ABORT_NOW appears")
+        p.set_defaults(_module=module)
+    return parser
+
+
+def configure_logging(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    control = PipelineControl(args.pipeline_control)
+    control.clear_previous_exit_status()
+    try:
+        args._module.main(args, control)
+    except JobAborted as err:
+        print(f"dynamight {args.command}: aborted: {err}", file=sys.stderr, flush=True)
+        control.finish("aborted")
+        return 2
+    except InputError as err:
+        print(f"dynamight {args.command}: input error: {err}", file=sys.stderr, flush=True)
+        control.finish("failure")
+        return 1
+    except BaseException as err:  # noqa: BLE001 - report everything, then fail the job
+        traceback.print_exc(file=sys.stderr)
+        print(f"dynamight {args.command}: failed: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+        control.finish("failure")
+        return 130 if isinstance(err, KeyboardInterrupt) else 1
+    control.finish("success")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

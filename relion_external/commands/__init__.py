@@ -1,0 +1,1 @@
+"""Sub-commands of the ``dynamight`` command line."""
