@@ -104,8 +104,10 @@ class DeformationDecoder(nn.Module):
         device = self.output_layer.weight.device
         self.movable_mask = mask.to(device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[no-untyped-def]
-                              missing_keys, unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
         # adopt a saved mask whatever its size (config does not know n_g)
         key = prefix + "movable_mask"
         if key in state_dict:
