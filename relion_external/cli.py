@@ -13,7 +13,7 @@ import logging
 import sys
 import traceback
 
-from .commands import demo, reconstruct, simulate
+from .commands import demo, optimize_deformations, reconstruct, simulate
 from .errors import InputError
 from .job_protocol import JobAborted, PipelineControl
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "simulate": simulate,
     "reconstruct": reconstruct,
     "demo": demo,
+    "optimize-deformations": optimize_deformations,
 }
 
 

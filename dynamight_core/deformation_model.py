@@ -1,0 +1,212 @@
+"""One half set's VAE on the Gaussian pseudo-atomic model: the forward model and its loss.
+
+Forward model of a particle image (all in the centred rfft layout, ``(b, box, box // 2 + 1)``)::
+
+    images -> ImageEncoder -> (mu, logvar) -> z ~ N(mu, exp(logvar))
+    z -> DeformationDecoder(consensus positions, z) -> displacements d (b, n_g, 3) Å
+    deformed = consensus + d -> project_gaussians_rfft(deformed, sigmas, masses, A)
+             -> × CTF -> apply_relion_origin_rfft (image = projection moved by -rlnOrigin)
+
+Loss per particle (what the trainer minimises, averaged over a batch)::
+
+    nll  = ½ N_pix · norm · weighted_fourier_loss(model, image, w)     (Gaussian log-likelihood)
+    loss = nll + β · KL(q(z|image) || N(0, 1)) + λ · (distance preservation + repulsion)
+
+``w`` are the normalised radial noise weights of :class:`RadialNoiseEstimate` (mean 1) and
+``norm`` the mean of ``1 / σ²(shell)`` over the pixels within Nyquist, so ``norm · w = 1 / σ²``
+and ``nll`` is the negative log-likelihood of the image under coloured Gaussian noise (up to a
+constant), in the same units (nats) as the KL term.
+
+Deformation error on held-out (validation) particles: both halves' encoders and decoders are
+applied to the same images; ``|d1 - d2|`` (Å) per particle and Gaussian, Gaussian ``i`` of both
+halves descending from the same Gaussian of the common initial model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ctf import ctf_2d_rfft
+from .decoder import DeformationDecoder
+from .encoder import ImageEncoder, kl_divergence, reparameterize
+from .fourier_grids import rfft2_centered
+from .gaussian_model import GaussianModel
+from .gaussian_projection import project_gaussians_rfft
+from .noise_model import RadialNoiseEstimate, rfft_multiplicity
+from .particles import CTFParams, ParticleSet
+from .shift import apply_relion_origin_rfft
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of particles on the training device, addressed by particle index."""
+
+    indices: np.ndarray  # (b,) 0-based particle indices
+    images: torch.Tensor  # (b, box, box) real space
+    rotations: torch.Tensor  # (b, 3, 3) RELION A
+    shifts_angstrom: torch.Tensor  # (b, 2)
+    ctf: CTFParams
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def make_batch(particles: ParticleSet, indices: np.ndarray, device: torch.device) -> Batch:
+    """Read the images of ``indices`` and move everything the forward model needs to ``device``."""
+    indices = np.asarray(indices, dtype=np.int64)
+    idx = torch.from_numpy(indices)
+    return Batch(indices=indices, images=particles.images.read(indices).to(device),
+                 rotations=particles.rotations[idx].to(device),
+                 shifts_angstrom=particles.shifts_angstrom[idx].to(device),
+                 ctf=particles.ctf.subset(indices).to(device))
+
+
+def split_validation(half_set: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Bool ``(n,)`` mask of held-out particles: ``round(fraction · n_half)`` drawn at random
+    (CPU generator seeded with ``seed``) from each half set separately."""
+    half_set = torch.as_tensor(half_set).cpu()
+    mask = torch.zeros(half_set.shape[0], dtype=torch.bool)
+    generator = torch.Generator().manual_seed(int(seed))
+    for half in (1, 2):
+        members = torch.nonzero(half_set == half).squeeze(-1)
+        n_held = int(round(fraction * members.shape[0]))
+        if n_held:
+            chosen = members[torch.randperm(members.shape[0], generator=generator)[:n_held]]
+            mask[chosen] = True
+    return mask
+
+
+def noise_normalisation(estimate: RadialNoiseEstimate, min_relative_power: float = 1e-3) -> float:
+    """Mean of ``1 / σ²(shell)`` over the full-spectrum pixels within Nyquist (the factor that
+    turns the normalised weights of ``estimate.weights()`` back into ``1 / σ²``); 1 without
+    data."""
+    power = estimate.noise_power()
+    inside = torch.arange(estimate.n_shells, device=power.device) <= estimate.box // 2
+    has_data = (estimate.count > 0) & inside
+    if not bool(has_data.any()) or float(power[has_data].max()) <= 0.0:
+        return 1.0
+    power = torch.where(has_data, power, power[has_data].mean())
+    power = power.clamp_min(min_relative_power * power[has_data].max())
+    pixel_factor = estimate.multiplicity * estimate.within_nyquist
+    return float(((1.0 / power)[estimate.shell_index] * pixel_factor).sum() / pixel_factor.sum())
+
+
+class DeformationModel(nn.Module):
+    """Gaussian consensus model, image encoder and deformation decoder of one half set."""
+
+    def __init__(self, gaussians: GaussianModel, encoder: ImageEncoder,
+                 decoder: DeformationDecoder, box_size: int, pixel_size: float) -> None:
+        super().__init__()
+        self.gaussians = gaussians
+        self.encoder = encoder
+        self.decoder = decoder
+        self.box_size = int(box_size)
+        self.pixel_size = float(pixel_size)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images (b, box, box)`` -> ``mu (b, d)``, ``logvar (b, d)``."""
+        return self.encoder(images)
+
+    def displacements(self, z: torch.Tensor) -> torch.Tensor:  # (b, n_g, 3) Å
+        """Displacement of every consensus Gaussian for latent codes ``z (b, d)``."""
+        return self.decoder(self.gaussians.positions.detach(), z)
+
+    def render(
+        self,
+        positions: torch.Tensor,  # (n_g, 3) or (b, n_g, 3) Å
+        batch: Batch,
+    ) -> torch.Tensor:  # (b, box, box // 2 + 1) complex particle-image model
+        """Project the (deformed) Gaussians, apply each particle's CTF and origin shift."""
+        g = self.gaussians
+        projection = project_gaussians_rfft(
+            positions, torch.exp(g.log_sigmas), g.masses(), g.class_index, batch.rotations,
+            self.box_size, self.pixel_size)
+        projection = projection * ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size)
+        return apply_relion_origin_rfft(projection, batch.shifts_angstrom, self.pixel_size,
+                                        self.box_size)
+
+    def forward(
+        self,
+        batch: Batch,
+        *,
+        deform: bool,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Model images of a batch. Without ``deform`` the consensus is projected (no encoder,
+        zero displacement). Returns ``model_rfft``, ``image_rfft`` and, with ``deform``, ``mu``,
+        ``logvar``, ``z``, ``displacements``, ``deformed``."""
+        out: dict[str, torch.Tensor] = {"image_rfft": rfft2_centered(batch.images)}
+        if deform:
+            mu, logvar = self.encode(batch.images)
+            z = reparameterize(mu, logvar, generator) if sample else mu
+            d = self.displacements(z)
+            deformed = self.gaussians.positions.detach()[None] + d
+            out.update(mu=mu, logvar=logvar, z=z, displacements=d, deformed=deformed)
+            out["model_rfft"] = self.render(deformed, batch)
+        else:
+            out["model_rfft"] = self.render(self.gaussians.positions, batch)
+        return out
+
+
+def negative_log_likelihood(
+    model_rfft: torch.Tensor,  # (b, box, box // 2 + 1)
+    image_rfft: torch.Tensor,  # (b, box, box // 2 + 1)
+    weights: torch.Tensor,  # (box, box // 2 + 1) normalised noise weights
+    norm: float,  # noise_normalisation(...)
+) -> tuple[torch.Tensor, torch.Tensor]:  # nll (b,) nats, weighted mse (b,)
+    """Gaussian negative log-likelihood (see module docstring) and the weighted MSE it scales."""
+    box = model_rfft.shape[-2]
+    inside = weights > 0
+    diff = model_rfft - image_rfft
+    pixel_factor = rfft_multiplicity(box).to(device=weights.device, dtype=weights.dtype) * inside
+    mse = ((diff.real**2 + diff.imag**2) * weights * pixel_factor).sum((-2, -1)) / pixel_factor.sum()
+    return 0.5 * float(pixel_factor.sum()) * norm * mse, mse
+
+
+def kl_per_particle(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:  # (b,)
+    """KL divergence of the posterior from the prior, nats per particle."""
+    return kl_divergence(mu, logvar)
+
+
+@torch.no_grad()
+def deformation_error(
+    model_1: DeformationModel,
+    model_2: DeformationModel,
+    batches,  # iterable of Batch (the validation particles)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply both halves to the same images: per-particle mean ``|d1 - d2|`` (Å), its indices,
+    and the per-Gaussian mean over particles (Å)."""
+    per_particle, indices, per_gaussian, count = [], [], None, 0
+    for batch in batches:
+        d1 = model_1.displacements(model_1.encode(batch.images)[0])
+        d2 = model_2.displacements(model_2.encode(batch.images)[0])
+        err = (d1 - d2).norm(dim=-1)  # (b, n_g)
+        per_particle.append(err.mean(dim=1).cpu().numpy())
+        indices.append(batch.indices)
+        total = err.sum(dim=0).cpu().numpy()
+        per_gaussian = total if per_gaussian is None else per_gaussian + total
+        count += len(batch)
+    if not count:
+        return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0)
+    return (np.concatenate(per_particle), np.concatenate(indices),
+            per_gaussian / count)
+
+
+__all__ = [
+    "Batch",
+    "DeformationModel",
+    "deformation_error",
+    "kl_per_particle",
+    "make_batch",
+    "negative_log_likelihood",
+    "noise_normalisation",
+    "split_validation",
+]

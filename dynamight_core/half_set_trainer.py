@@ -1,0 +1,284 @@
+"""Training of one half set's deformation VAE; one independent object per half set.
+
+Independence: a trainer owns its Gaussian model (a copy of the common initial model), encoder,
+decoder, optimiser, noise estimate and two generators (``shuffle`` on the CPU for the data
+order, ``sample`` on the device for the VAE noise). It never touches the other half's tensors,
+so the two trainers could sit on different GPUs or processes. Everything random comes from
+those generators (network initialisation uses ``torch.random.fork_rng`` with a seed derived from
+``config.seed`` and the half), so a run restored from :meth:`state_dict` continues exactly.
+
+Schedule (epochs counted from 0):
+
+- ``epoch < n_warmup_epochs``: warm-up. Only the Gaussian parameters (positions, widths,
+  masses) train against the images; the decoder is not evaluated (zero displacement).
+- afterwards: joint training of encoder, decoder, widths and masses; the consensus positions
+  only change through consensus updates.
+- λ (the regularisation weight) is set once per epoch, on the epoch's first batch, from the
+  gradient-norm ratio of the data and regularisation terms over the decoder parameters times
+  ``regularization_factor`` (:func:`gradient_norm_ratio_lambda`).
+- the neighbour graph and repulsion pairs are rebuilt from the consensus at every epoch start.
+- consensus update, after every ``consensus_update_interval``-th joint epoch: the mean latent
+  ``mu`` of every training particle seen in the epoch is decoded; the
+  ``consensus_update_fraction`` of particles with the smallest mean displacement are taken and
+  the consensus positions are replaced by the mean of their deformed positions
+  (``consensus + mean d``). The decoder is left as is (its displacements are small for those
+  particles, so the shift of its inputs is small too).
+- the noise spectrum used in an epoch is estimated from the previous epoch's residuals
+  (or from :meth:`initialise_noise` before the first epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .decoder import DeformationDecoder
+from .deformation_model import (
+    Batch, DeformationModel, kl_per_particle, negative_log_likelihood, noise_normalisation)
+from .encoder import ImageEncoder
+from .gaussian_model import GaussianModel
+from .noise_model import RadialNoiseEstimate
+from .regularization import (
+    build_neighbour_graph, distance_preservation_loss, gradient_norm_ratio_lambda,
+    mean_neighbour_distance, repulsion_candidate_pairs, repulsion_loss)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerConfig:
+    """Plain settings of a half-set trainer (stored in checkpoints as a dict)."""
+
+    box_size: int
+    pixel_size: float
+    n_gaussians: int
+    n_classes: int = 1
+    latent_dim: int = 2
+    n_positional_encoding_dimensions: int = 10
+    n_linear_layers: int = 2
+    n_neurons_per_layer: int = 32
+    n_encoder_layers: int = 3
+    n_encoder_neurons: int = 256
+    n_warmup_epochs: int = 0
+    regularization_factor: float = 1.0
+    beta: float = 1.0
+    consensus_update_interval: int = 5
+    consensus_update_fraction: float = 0.1
+    learning_rate: float = 1e-3
+    gaussian_learning_rate: float = 1e-2
+    repulsion_distance: float = 0.0  # Å; 0 = half the mean neighbour distance of the start
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HalfSetTrainer:
+    """VAE training of one half set (see module docstring)."""
+
+    def __init__(self, half: int, config: TrainerConfig, initial_gaussians: GaussianModel,
+                 train_indices: np.ndarray, device: torch.device,
+                 movable_mask: torch.Tensor | None = None) -> None:
+        self.half = int(half)
+        self.config = config
+        self.device = torch.device(device)
+        self.train_indices = np.sort(np.asarray(train_indices, dtype=np.int64))
+        c = config
+        seed = c.seed * 1000 + self.half
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = ImageEncoder(c.box_size, c.latent_dim, c.n_encoder_neurons,
+                                   c.n_encoder_layers, mask_radius_px=c.box_size // 2)
+            decoder = DeformationDecoder(c.box_size, c.pixel_size, c.latent_dim,
+                                         c.n_neurons_per_layer, c.n_linear_layers,
+                                         c.n_positional_encoding_dimensions, movable_mask)
+        gaussians = copy.deepcopy(initial_gaussians).cpu()
+        self.model = DeformationModel(gaussians, encoder, decoder, c.box_size,
+                                      c.pixel_size).to(self.device)
+        if c.repulsion_distance <= 0:
+            c.repulsion_distance = 0.5 * mean_neighbour_distance(gaussians.positions)
+        g = self.model.gaussians
+        mass_scale = float(g.amplitudes.detach().abs().mean().clamp_min(1e-12))
+        self.optimiser = torch.optim.Adam([
+            {"params": [g.positions], "lr": c.gaussian_learning_rate * c.pixel_size},
+            {"params": [g.log_sigmas], "lr": c.gaussian_learning_rate},
+            {"params": [g.amplitudes], "lr": c.gaussian_learning_rate * mass_scale},
+            {"params": list(self.model.encoder.parameters())
+             + list(self.model.decoder.parameters()), "lr": c.learning_rate},
+        ])
+        self.noise = RadialNoiseEstimate(c.box_size, device=self.device)
+        self.noise_weights = self.noise.weights()
+        self.noise_norm = 1.0
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.epoch = 0
+        self.regularization_weight = 0.0
+
+    # -- schedule -------------------------------------------------------------------------
+    @property
+    def in_warmup(self) -> bool:
+        return self.epoch < self.config.n_warmup_epochs
+
+    def epoch_order(self) -> np.ndarray:
+        """This epoch's order of the training particles (from the saved shuffle generator)."""
+        perm = torch.randperm(self.train_indices.shape[0], generator=self.shuffle_generator)
+        return self.train_indices[perm.numpy()]
+
+    def _set_trainable(self, warmup: bool) -> None:
+        g = self.model.gaussians
+        g.positions.requires_grad_(warmup)
+        for p in [*self.model.encoder.parameters(), *self.model.decoder.parameters()]:
+            p.requires_grad_(not warmup)
+
+    def _regularisation(self, deformed: torch.Tensor) -> torch.Tensor:  # (b,)
+        return (distance_preservation_loss(deformed, self._edges, self._rest_lengths)
+                + repulsion_loss(deformed, self.config.repulsion_distance, self._repulsion_pairs))
+
+    @torch.no_grad()
+    def initialise_noise(self, batches: Iterable[Batch]) -> None:
+        """Noise spectrum from the residuals of the consensus projection."""
+        self.noise.reset()
+        for batch in batches:
+            out = self.model(batch, deform=False)
+            self.noise.accumulate(out["image_rfft"] - out["model_rfft"])
+        self._refresh_noise()
+
+    def _refresh_noise(self) -> None:
+        self.noise_weights = self.noise.weights()
+        self.noise_norm = noise_normalisation(self.noise)
+
+    # -- training ---------------------------------------------------------------------------
+    def train_epoch(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """One pass over ``batches``; returns per-particle means as plain floats."""
+        c = self.config
+        warmup = self.in_warmup
+        self._set_trainable(warmup)
+        consensus = self.model.gaussians.positions.detach()
+        self._edges, self._rest_lengths = build_neighbour_graph(consensus)
+        self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance)
+        weights, norm = self.noise_weights, self.noise_norm
+        self.noise.reset()
+        sums = {"data": 0.0, "mse": 0.0, "kl": 0.0, "reg": 0.0}
+        n_seen, mus, first = 0, [], True
+        self.model.train()
+        for batch in batches:
+            out = self.model(batch, deform=not warmup, generator=self.sample_generator)
+            nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], weights, norm)
+            loss = nll.mean()
+            if not warmup:
+                kl = kl_per_particle(out["mu"], out["logvar"])
+                reg = self._regularisation(out["deformed"])
+                if first:
+                    self.regularization_weight = gradient_norm_ratio_lambda(
+                        nll.mean(), reg.mean(), self.model.decoder.parameters(),
+                        c.regularization_factor)
+                loss = loss + c.beta * kl.mean() + self.regularization_weight * reg.mean()
+                sums["kl"] += float(kl.detach().sum())
+                sums["reg"] += float(reg.detach().sum())
+                mus.append(out["mu"].detach())
+            first = False
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimiser.step()
+            with torch.no_grad():
+                g = self.model.gaussians
+                g.log_sigmas.clamp_(min=math.log(0.5 * c.pixel_size))
+                self.noise.accumulate(out["image_rfft"] - out["model_rfft"].detach())
+            sums["data"] += float(nll.detach().sum())
+            sums["mse"] += float(mse.detach().sum())
+            n_seen += len(batch)
+        self._refresh_noise()
+        self.epoch += 1
+        joint_epochs = self.epoch - c.n_warmup_epochs
+        if (mus and c.consensus_update_interval > 0
+                and joint_epochs % c.consensus_update_interval == 0):
+            self.update_consensus(torch.cat(mus))
+        stats = {key: value / max(n_seen, 1) for key, value in sums.items()}
+        stats.update(n_particles=float(n_seen), regularization_weight=self.regularization_weight,
+                     warmup=float(warmup))
+        return stats
+
+    @torch.no_grad()
+    def update_consensus(self, mu: torch.Tensor, chunk: int = 256) -> float:
+        """Consensus update (module docstring); returns the mean shift of the Gaussians, Å."""
+        self.model.eval()
+        mean_norm, mean_d = [], []
+        for start in range(0, mu.shape[0], chunk):
+            d = self.model.displacements(mu[start:start + chunk])
+            mean_norm.append(d.norm(dim=-1).mean(dim=1))
+            mean_d.append(d)
+        norms = torch.cat(mean_norm)
+        n_keep = max(1, int(round(self.config.consensus_update_fraction * norms.shape[0])))
+        keep = torch.argsort(norms)[:n_keep]
+        d_all = torch.cat(mean_d)[keep]
+        shift = d_all.mean(dim=0)
+        self.model.gaussians.positions.add_(shift)
+        moved = float(shift.norm(dim=-1).mean())
+        logger.info("half %d: consensus update from %d particles, mean shift %.3f Å",
+                    self.half, n_keep, moved)
+        return moved
+
+    @torch.no_grad()
+    def encode(self, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean latent ``mu`` of every particle in ``batches``: ``(indices (m,), mu (m, d))``."""
+        self.model.eval()
+        idx, mus = [], []
+        for batch in batches:
+            idx.append(batch.indices)
+            mus.append(self.model.encode(batch.images)[0].cpu().numpy())
+        d = self.config.latent_dim
+        if not idx:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, d))
+        return np.concatenate(idx), np.concatenate(mus)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors, numbers and plain dicts only (loadable with ``weights_only=True``)."""
+        return {
+            "half": self.half, "epoch": self.epoch, "config": self.config.to_dict(),
+            "gaussians": self.model.gaussians.state_dict(),
+            "encoder": self.model.encoder.state_dict(),
+            "decoder": self.model.decoder.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "noise_power_sum": self.noise.power_sum.cpu(), "noise_count": self.noise.count.cpu(),
+            "train_indices": torch.from_numpy(self.train_indices),
+            "shuffle_rng": self.shuffle_generator.get_state(),
+            "sample_rng": self.sample_generator.get_state(),
+            "regularization_weight": self.regularization_weight,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.model.gaussians.load_state_dict(state["gaussians"])
+        self.model.encoder.load_state_dict(state["encoder"])
+        self.model.decoder.load_state_dict(state["decoder"])
+        self.model.to(self.device)
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.noise.power_sum.copy_(state["noise_power_sum"])
+        self.noise.count.copy_(state["noise_count"])
+        self._refresh_noise()
+        self.train_indices = state["train_indices"].numpy().astype(np.int64)
+        self.shuffle_generator.set_state(state["shuffle_rng"])
+        self.sample_generator.set_state(state["sample_rng"])
+        self.regularization_weight = float(state["regularization_weight"])
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device) -> HalfSetTrainer:
+        """Rebuild a trainer (shapes from the stored config) and load ``state`` into it."""
+        config = TrainerConfig(**state["config"])
+        gaussians = GaussianModel.from_config(
+            {"n_gaussians": config.n_gaussians, "n_classes": config.n_classes})
+        gaussians.load_state_dict(state["gaussians"])
+        trainer = cls(int(state["half"]), config, gaussians, state["train_indices"].numpy(),
+                      device)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+__all__ = ["HalfSetTrainer", "TrainerConfig"]

@@ -1,0 +1,260 @@
+"""Learn per-particle deformations of a Gaussian model: two independent half-set VAEs.
+
+A Gaussian pseudo-atomic model is fitted to the consensus map (--initial-model); both half sets
+start from this same model and are then trained independently (own networks, optimiser, noise
+spectrum and random generators). A held-out validation subset (--validation-fraction, from both
+halves, fixed by --seed) is used by neither half for training; after training both halves'
+encoders and decoders are applied to it and the disagreement |d1 - d2| (Å) is reported.
+
+Outputs (in --output-directory): forward_deformations/checkpoints/NNN.pth (every
+--checkpoint-interval epochs) and checkpoint_final.pth, forward_deformations/volumes/
+volume_half{1,2}_NNN.mrc (each half's consensus Gaussians rendered), forward_deformations/
+loss_log.txt (one line per epoch), and particles.star: the input particles plus
+rlnDynaMightLatent1..d (mean latent code from the particle's own half), rlnDynaMightHalfSet,
+rlnDynaMightValidation (0/1) and rlnDynaMightDeformationError (Å, -1 for training particles).
+Running the same command again continues from the latest checkpoint of the output directory
+(or from --checkpoint-file) with everything restored; --n-epochs is the total.
+
+Example:
+  dynamight optimize-deformations --refinement-star-file Refine3D/job010/run_data.star \\
+      --initial-model Refine3D/job010/run_class001.mrc --output-directory DynaMight/ \\
+      --n-gaussians 10000 --n-epochs 100 --gpu-id 0
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynamight_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
+from dynamight_core.device import choose_device
+from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_from_map
+from dynamight_core.gaussian_projection import render_gaussians_3d
+from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
+
+from ..errors import InputError
+from ..map_io import read_map, write_map
+from ..particles_adapter import check_map_matches, load_particle_set
+from ..star_io import write_particles_star
+
+logger = logging.getLogger(__name__)
+
+
+def add_args(p) -> None:
+    p.add_argument("--refinement-star-file", required=True,
+                   help="particles STAR of a consensus refinement (RELION 3.1+)")
+    p.add_argument("--output-directory", required=True)
+    p.add_argument("--initial-model", default=None,
+                   help="consensus map the Gaussian model is fitted to (required unless resuming)")
+    p.add_argument("--initial-threshold", type=float, default=None,
+                   help="map threshold for placing Gaussians (default: automatic, Otsu)")
+    p.add_argument("--mask-file", default=None,
+                   help="only Gaussians inside this mask (value > 0.5) may move")
+    p.add_argument("--checkpoint-file", default=None, help="continue from this checkpoint")
+    p.add_argument("--n-gaussians", type=int, default=10000)
+    p.add_argument("--n-gaussian-widths", type=int, default=1)
+    p.add_argument("--n-latent-dimensions", type=int, default=2)
+    p.add_argument("--n-positional-encoding-dimensions", type=int, default=10)
+    p.add_argument("--n-linear-layers", type=int, default=2)
+    p.add_argument("--n-neurons-per-layer", type=int, default=32)
+    p.add_argument("--n-warmup-epochs", type=int, default=0)
+    p.add_argument("--regularization-factor", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--gpu-id", default=None, help="GPU to use (default: CPU)")
+    p.add_argument("--n-epochs", type=int, default=50, help="total epochs (including warm-up)")
+    p.add_argument("--n-threads", type=int, default=4)
+    p.add_argument("--preload-images", action="store_true", help="read all images into RAM")
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-half-sets", action="store_true",
+                   help="split randomly when the STAR file has no rlnRandomSubset")
+    p.add_argument("--checkpoint-interval", type=int, default=5)
+    p.add_argument("--consensus-update-interval", type=int, default=5)
+    p.add_argument("--n-map-fit-steps", type=int, default=100)
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--project-directory", default=None,
+                   help="RELION project folder image names are relative to (default: cwd)")
+    p.add_argument("--pipeline-control", "--pipeline_control", dest="pipeline_control",
+                   default=None, metavar="DIR",
+                   help="RELION job folder: exit-status files and abort requests")
+
+
+def _initial_gaussians(args, particles):
+    """Gaussian model fitted to the consensus map, and the movable mask (or None)."""
+    if not args.initial_model:
+        raise InputError(Path(args.refinement_star_file), "--initial-model",
+                         "no consensus map given", "Pass the refinement's map.")
+    volume, voxel = read_map(args.initial_model)
+    check_map_matches(args.initial_model, voxel, volume.shape[-1], particles)
+    generator = torch.Generator().manual_seed(args.seed)
+    model, _ = init_gaussians_from_map(volume, voxel, args.n_gaussians, args.initial_threshold,
+                                       args.n_gaussian_widths, generator)
+    box = particles.box_size
+
+    def render(positions, sigmas, masses):
+        return render_gaussians_3d(positions, torch.exp(model.log_sigmas), model.amplitudes[
+            model.class_index], model.class_index, box, voxel)
+
+    fit_gaussians_to_map(model, volume, voxel, args.n_map_fit_steps, render)
+    movable = None
+    if args.mask_file:
+        mask, mask_voxel = read_map(args.mask_file)
+        check_map_matches(args.mask_file, mask_voxel, mask.shape[-1], particles)
+        zyx = torch.round(model.positions.detach().flip(-1) / voxel + box // 2).long()
+        zyx = zyx.clamp(0, box - 1)
+        movable = mask[zyx[:, 0], zyx[:, 1], zyx[:, 2]] > 0.5
+        logger.info("mask: %d of %d Gaussians may move", int(movable.sum()), movable.shape[0])
+    return model, movable
+
+
+def _batches(particles, order, batch_size, device, control):
+    for start in range(0, len(order), batch_size):
+        control.check_abort()
+        yield make_batch(particles, order[start:start + batch_size], device)
+
+
+def _new_run(args, particles, device):
+    validation = split_validation(particles.half_set, args.validation_fraction, args.seed)
+    gaussians, movable = _initial_gaussians(args, particles)
+    trainers = {}
+    for half in (1, 2):
+        config = TrainerConfig(
+            box_size=particles.box_size, pixel_size=particles.pixel_size,
+            n_gaussians=gaussians.n_gaussians, n_classes=gaussians.n_classes,
+            latent_dim=args.n_latent_dimensions,
+            n_positional_encoding_dimensions=args.n_positional_encoding_dimensions,
+            n_linear_layers=args.n_linear_layers, n_neurons_per_layer=args.n_neurons_per_layer,
+            n_warmup_epochs=args.n_warmup_epochs,
+            regularization_factor=args.regularization_factor, beta=args.beta,
+            consensus_update_interval=args.consensus_update_interval,
+            learning_rate=args.learning_rate, seed=args.seed)
+        train = np.flatnonzero((particles.half_set.numpy() == half) & ~validation.numpy())
+        trainer = HalfSetTrainer(half, config, gaussians, train, device, movable)
+        trainer.initialise_noise(_batches(particles, train[:512], args.batch_size, device,
+                                          _NoAbort()))
+        trainers[half] = trainer
+    return trainers, validation, 0
+
+
+class _NoAbort:
+    def check_abort(self) -> None:
+        pass
+
+
+def _resume(path, particles, device):
+    state = load_checkpoint(path)
+    if state["half_set"].shape[0] != len(particles):
+        raise ValueError(f"{path}: checkpoint is for {state['half_set'].shape[0]} particles, "
+                         f"the STAR file has {len(particles)}")
+    trainers = {int(h): HalfSetTrainer.from_state_dict(s, device)
+                for h, s in state["halves"].items()}
+    torch.set_rng_state(state["global_rng"])  # unused by training; restored for completeness
+    logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
+    return trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"]
+
+
+def _checkpoint_state(args, trainers, validation, half_set, epoch) -> dict:
+    config = {k: v for k, v in vars(args).items()
+              if isinstance(v, (int, float, str, bool)) or v is None}
+    config.pop("_module", None)
+    return {"epoch": epoch, "config": config, "half_set": half_set.clone(),
+            "validation": validation.clone(), "global_rng": torch.get_rng_state(),
+            "halves": {str(h): t.state_dict() for h, t in trainers.items()}}
+
+
+def _write_volumes(folder: Path, trainers, epoch: int, particles) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for half, trainer in trainers.items():
+        g = trainer.model.gaussians
+        with torch.no_grad():
+            vol = render_gaussians_3d(g.positions, torch.exp(g.log_sigmas), g.masses(),
+                                      g.class_index, particles.box_size, particles.pixel_size)
+        write_map(folder / f"volume_half{half}_{epoch:03d}.mrc", vol.cpu(), particles.pixel_size)
+
+
+def main(args, control) -> None:
+    torch.set_num_threads(max(1, int(args.n_threads)))
+    out = Path(args.output_directory)
+    fwd = out / "forward_deformations"
+    device = choose_device(args.gpu_id)
+    particles, star = load_particle_set(args.refinement_star_file,
+                                        project_dir=args.project_directory,
+                                        random_split=args.random_half_sets, seed=args.seed,
+                                        preload=args.preload_images)
+    resume_from = (Path(args.checkpoint_file) if args.checkpoint_file
+                   else latest_checkpoint(fwd / "checkpoints"))
+    if resume_from is not None:
+        trainers, validation, epoch, half_set = _resume(resume_from, particles, device)
+        particles = particles.with_half_set(half_set)
+    else:
+        trainers, validation, epoch = _new_run(args, particles, device)
+    (fwd / "checkpoints").mkdir(parents=True, exist_ok=True)
+    n_train = sum(t.train_indices.shape[0] for t in trainers.values())
+    logger.info("training on %s: %d + %d particles, %d held out for validation, epochs %d..%d",
+                device, trainers[1].train_indices.shape[0], trainers[2].train_indices.shape[0],
+                int(validation.sum()), epoch + 1, args.n_epochs)
+    t_start = time.time()
+    first_epoch = epoch
+    while epoch < args.n_epochs:
+        t0 = time.time()
+        stats = {h: t.train_epoch(_batches(particles, t.epoch_order(), args.batch_size, device,
+                                           control))
+                 for h, t in trainers.items()}
+        epoch += 1
+        rate = n_train / max(time.time() - t0, 1e-9)
+        left = (time.time() - t_start) / (epoch - first_epoch) * (args.n_epochs - epoch)
+        mean = {k: 0.5 * (stats[1][k] + stats[2][k]) for k in ("data", "mse", "reg", "kl")}
+        lam = [stats[h]["regularization_weight"] for h in (1, 2)]
+        phase = "warm-up" if stats[1]["warmup"] else "joint"
+        logger.info("epoch %d/%d (%s): data %.4g (mse %.4g) reg %.4g KL %.4g lambda %.3g/%.3g "
+                    "%.0f particles/s, %.0f s left", epoch, args.n_epochs, phase, mean["data"],
+                    mean["mse"], mean["reg"], mean["kl"], lam[0], lam[1], rate, left)
+        with open(fwd / "loss_log.txt", "a") as log:
+            log.write(" ".join(
+                [f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
+                                      for k in ("data", "mse", "reg", "kl",
+                                                "regularization_weight")]) + "\n")
+        if epoch % max(1, args.checkpoint_interval) == 0 or epoch == args.n_epochs:
+            save_checkpoint(fwd / "checkpoints" / f"{epoch:03d}.pth",
+                            _checkpoint_state(args, trainers, validation, particles.half_set,
+                                              epoch))
+            _write_volumes(fwd / "volumes", trainers, epoch, particles)
+    save_checkpoint(fwd / "checkpoints" / "checkpoint_final.pth",
+                    _checkpoint_state(args, trainers, validation, particles.half_set, epoch))
+    _write_particles(out, args, particles, star, trainers, validation, device, control)
+
+
+def _write_particles(out, args, particles, star, trainers, validation, device, control) -> None:
+    n = len(particles)
+    d = trainers[1].config.latent_dim
+    latents = np.zeros((n, d))
+    half_set = particles.half_set.numpy()
+    for half, trainer in trainers.items():
+        members = np.flatnonzero(half_set == half)
+        idx, mu = trainer.encode(_batches(particles, members, args.batch_size, device, control))
+        latents[idx] = mu
+    error = np.full(n, -1.0)
+    held = np.flatnonzero(validation.numpy())
+    per_particle, idx, per_gaussian = deformation_error(
+        trainers[1].model, trainers[2].model,
+        _batches(particles, held, args.batch_size, device, control))
+    error[idx] = np.where(np.isfinite(per_particle), per_particle, -1.0)
+    if per_particle.size:
+        logger.info("validation (%d particles): deformation error |d1 - d2| mean %.3f Å, "
+                    "median %.3f Å, worst Gaussian %.3f Å", per_particle.size,
+                    float(per_particle.mean()), float(np.median(per_particle)),
+                    float(per_gaussian.max()))
+    table = star.particles.copy()
+    for k in range(d):
+        table[f"rlnDynaMightLatent{k + 1}"] = latents[:, k]
+    table["rlnDynaMightHalfSet"] = half_set.astype(int)
+    table["rlnDynaMightValidation"] = validation.numpy().astype(int)
+    table["rlnDynaMightDeformationError"] = error
+    write_particles_star(out / "particles.star", (star.optics, table))
+    logger.info("wrote %s", out / "particles.star")
