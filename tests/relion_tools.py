@@ -43,7 +43,8 @@ def relion_available() -> bool:
 
 requires_relion = pytest.mark.skipif(
     not relion_available(),
-    reason="RELION programs (relion_project, relion_reconstruct) not on PATH: apt-get install relion",
+    reason=("RELION programs (relion_project, relion_reconstruct) not on PATH: "
+            "apt-get install relion"),
 )
 relion = pytest.mark.relion
 RELION_TESTS = [relion, requires_relion]
@@ -53,7 +54,8 @@ def run_relion(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a RELION program; on failure raise with its output (RELION reports errors on stdout)."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -82,7 +84,8 @@ class RelionDataset:
     n_particles: int
 
 
-def make_angles_table(n: int, seed: int, box_size: int, pixel_size: float) -> dict[str, pd.DataFrame]:
+def make_angles_table(n: int, seed: int, box_size: int,
+                      pixel_size: float) -> dict[str, pd.DataFrame]:
     """Optics + particles tables exercising every RELION CTF/pose field we model.
 
     Uniform random poses (``Rotation.random``), origins uniform in ±5 Å, astigmatic defocus with
@@ -240,7 +243,8 @@ def read_relion_particles(star: Path, load_images: bool = True) -> RelionParticl
             number, path = name.split("@")
             if path not in stacks:
                 with mrcfile.open(star.parent / path, permissive=True) as mrc:
-                    stacks[path] = np.array(mrc.data, dtype=np.float32, copy=True).reshape(-1, box, box)
+                    data = np.array(mrc.data, dtype=np.float32, copy=True)
+                stacks[path] = data.reshape(-1, box, box)
             out[i] = stacks[path][int(number) - 1]
         images = torch.from_numpy(out)
     return RelionParticles(images, rotations, shifts.to(torch.float32), ctf, half, pixel_size, box)

@@ -66,7 +66,7 @@ def test_matrix_to_euler_round_trip_regular():
 
 @pytest.mark.parametrize(("tilt", "atol"), [
     (0.0, 1e-12), (180.0, 1e-12), (1e-9, 1e-9), (180.0 - 1e-9, 1e-9),
-    # just inside matrix_to_euler's lock threshold (sin tilt < 1e-6) rot is dropped: error ~ sin tilt
+    # inside matrix_to_euler's lock threshold (sin tilt < 1e-6) rot is dropped: error ~ sin tilt
     (5e-5, 5e-6), (1e-3, 1e-9),
 ])
 def test_matrix_to_euler_round_trip_gimbal_lock(tilt, atol):
