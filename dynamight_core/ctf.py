@@ -1,7 +1,8 @@
 """The RELION CTF (``CTF::getCTF``), evaluated on rfft grids, batched per particle.
 
 We keep our own implementation rather than torch-ctf because RELION data need the B-factor and
-scale factor (torch-ctf has neither), torch-ctf measures the astigmatism angle from the y axis
+scale factor (torch-ctf has neither; its docstring says the astigmatism angle is measured from y, but
+it behaves as RELION's, pinned by a test)
 (RELION from x) and returns NaN when ``DefocusV > DefocusU``. ``tests/test_ctf.py`` checks this
 function against torch-ctf where the two are defined to agree, and against ``relion_project``.
 
