@@ -1,10 +1,9 @@
 """The RELION CTF (``CTF::getCTF``), evaluated on rfft grids, batched per particle.
 
 We keep our own implementation rather than torch-ctf because RELION data need the B-factor and
-scale factor (torch-ctf has neither; its docstring says the astigmatism angle is measured from y, but
-it behaves as RELION's, pinned by a test)
-(RELION from x) and returns NaN when ``DefocusV > DefocusU``. ``tests/test_ctf.py`` checks this
-function against torch-ctf where the two are defined to agree, and against ``relion_project``.
+scale factor (torch-ctf has neither) and torch-ctf returns NaN when ``DefocusV > DefocusU``. Its
+docstring says the astigmatism angle is measured from y, but measured it behaves as RELION's
+(from x). ``tests/test_ctf.py`` checks this function against torch-ctf and ``relion_project``.
 
 Formulae (RELION): λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)) Å with V in volts;
 Δf(θ) = (U + V)/2 + (U − V)/2 · cos 2(θ − angle), θ = atan2(ky, kx), positive = underfocus;
