@@ -19,12 +19,6 @@ def fftfreq_grid_2d_rfft(box_size: int, device: torch.device | str | None = None
     return torch.stack([grid_x, grid_y], dim=-1)
 
 
-def radial_shell_index_2d_rfft(box_size: int, device=None) -> torch.Tensor:
-    """RELION shell index ``round(|k| * box)`` for each rfft pixel, ``(box, box // 2 + 1)``."""
-    k = fftfreq_grid_2d_rfft(box_size, device)
-    return torch.round(k.norm(dim=-1) * box_size).long()
-
-
 def radial_shell_index_3d_rfft(box_size: int, device=None) -> torch.Tensor:
     """RELION shell index ``round(|k| * box)`` for each 3D rfft voxel, ``(d, h, w // 2 + 1)``."""
     kz = torch.fft.fftfreq(box_size, device=device)
