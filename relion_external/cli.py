@@ -13,7 +13,9 @@ import logging
 import sys
 import traceback
 
-from .commands import demo, optimize_deformations, reconstruct, simulate
+from .commands import (
+    deformable_backprojection, demo, explore_latent_space, optimize_deformations,
+    optimize_inverse_deformations, reconstruct, simulate)
 from .errors import InputError
 from .job_protocol import JobAborted, PipelineControl
 
@@ -22,6 +24,9 @@ COMMANDS = {
     "reconstruct": reconstruct,
     "demo": demo,
     "optimize-deformations": optimize_deformations,
+    "optimize-inverse-deformations": optimize_inverse_deformations,
+    "deformable-backprojection": deformable_backprojection,
+    "explore-latent-space": explore_latent_space,
 }
 
 

@@ -1,0 +1,98 @@
+"""A particle's deformation as a smooth field on a coarse grid, made from its Gaussians.
+
+The decoder is trained only at the consensus Gaussian positions, so the field between and
+around them is defined from those displacements alone: each Gaussian's displacement is splatted
+trilinearly onto a coarse grid (the adjoint of trilinear interpolation) together with a unit
+weight, and every node takes the weighted mean of the displacements around it::
+
+    field(node) = Σ_j w_j(node) d_j / max(Σ_j w_j(node), w_min)
+
+``w_min`` (``min_weight_fraction`` × the median weight of the occupied nodes) makes the field
+fall smoothly to zero where there are few or no Gaussians (solvent), so voxels far from the
+model are not moved. The field is read anywhere by trilinear interpolation.
+
+Coordinates: vectors are ``xyz`` in Å relative to voxel ``box // 2`` (as everywhere in the
+core); volumes and grids are ``[..., z, y, x]``. Grid node ``k`` of ``n`` along an axis sits at
+voxel ``k (box - 1) / (n - 1)``, so the corner nodes coincide with the corner voxels and
+``torch.nn.functional.grid_sample(..., align_corners=True)`` reads the grid directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def _normalised(points_angstrom: torch.Tensor, box_size: int, pixel_size: float) -> torch.Tensor:
+    """``xyz`` Å -> grid_sample coordinates in [-1, 1] (align_corners=True over the box)."""
+    voxel = points_angstrom / pixel_size + box_size // 2
+    return voxel * (2.0 / (box_size - 1)) - 1.0
+
+
+def displacement_grid_from_gaussians(
+    positions: torch.Tensor,  # (n_g, 3) consensus xyz Å
+    displacements: torch.Tensor,  # (b, n_g, 3) Å
+    box_size: int,
+    pixel_size: float,
+    *,
+    grid_size: int,
+    min_weight_fraction: float = 0.5,
+) -> torch.Tensor:  # (b, 3, g, g, g) Å, channels xyz, nodes [z, y, x]
+    """Coarse displacement field of each particle (module docstring)."""
+    if grid_size < 2:
+        raise ValueError("grid_size must be >= 2")
+    b, n_g, _ = displacements.shape
+    g = int(grid_size)
+    node = (_normalised(positions, box_size, pixel_size) + 1.0) * 0.5 * (g - 1)  # (n_g, 3) xyz
+    node = node.clamp(0.0, g - 1 - 1e-4)
+    base = node.floor().long()
+    frac = node - base
+    field = displacements.new_zeros(b, 3, g * g * g)
+    weight = displacements.new_zeros(g * g * g)
+    values = rearrange(displacements, "b n c -> b c n")
+    for corner in range(8):
+        offset = [(corner >> axis) & 1 for axis in range(3)]  # x, y, z
+        w = torch.ones_like(frac[:, 0])
+        idx = torch.zeros_like(base[:, 0])
+        for axis, stride in zip(range(3), (1, g, g * g)):
+            o = offset[axis]
+            w = w * (frac[:, axis] if o else 1.0 - frac[:, axis])
+            idx = idx + (base[:, axis] + o).clamp(max=g - 1) * stride
+        weight.index_add_(0, idx, w)
+        field.index_add_(2, idx, values * w)
+    occupied = weight > 1e-6
+    floor = (min_weight_fraction * weight[occupied].median()) if bool(occupied.any()) else 1.0
+    field = field / weight.clamp_min(floor)
+    return field.reshape(b, 3, g, g, g)
+
+
+def sample_displacement_grid(
+    grid: torch.Tensor,  # (b, 3, g, g, g) Å
+    points: torch.Tensor,  # (b, m, 3) or (m, 3) xyz Å
+    box_size: int,
+    pixel_size: float,
+) -> torch.Tensor:  # (b, m, 3) Å
+    """Trilinear reading of the field at arbitrary points (zero-padded outside the box)."""
+    b = grid.shape[0]
+    if points.ndim == 2:
+        points = points.expand(b, -1, -1)
+    coords = _normalised(points, box_size, pixel_size).to(grid.dtype)
+    sampled = F.grid_sample(grid, rearrange(coords, "b m c -> b m 1 1 c"), mode="bilinear",
+                            padding_mode="zeros", align_corners=True)  # (b, 3, m, 1, 1)
+    return rearrange(sampled, "b c m 1 1 -> b m c")
+
+
+def upsample_displacement_grid(
+    grid: torch.Tensor,  # (b, 3, g, g, g) Å
+    box_size: int,
+) -> torch.Tensor:  # (b, 3, box, box, box) Å at every voxel
+    """The field at every voxel of the box (trilinear, corner nodes on corner voxels)."""
+    return F.interpolate(grid, size=(box_size,) * 3, mode="trilinear", align_corners=True)
+
+
+__all__ = [
+    "displacement_grid_from_gaussians",
+    "sample_displacement_grid",
+    "upsample_displacement_grid",
+]

@@ -1,0 +1,155 @@
+"""The result of ``optimize-deformations``, loaded back for the stages that follow it.
+
+``optimize-inverse-deformations``, ``deformable-backprojection`` and ``explore-latent-space``
+are given only the output directory (RELION-5's DynaMight job calls them that way), so
+everything they need comes from the forward checkpoint: both halves' models, the half sets and
+validation flags, and the command's settings, among them the particles STAR file and the
+project directory its image names are relative to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynamight_core.checkpoint import latest_checkpoint, load_checkpoint
+from dynamight_core.deformation_model import Batch, DeformationModel, make_batch
+from dynamight_core.half_set_trainer import HalfSetTrainer
+from dynamight_core.particles import ParticleSet
+
+from .errors import InputError
+from .particles_adapter import load_particle_set
+from .star_io import RelionParticles
+
+logger = logging.getLogger(__name__)
+
+FORWARD_CHECKPOINTS = Path("forward_deformations") / "checkpoints"
+
+
+@dataclass
+class ForwardRun:
+    """Both halves' trained models and the particles they were trained on."""
+
+    output_directory: Path
+    checkpoint_path: Path
+    epoch: int  # epochs the checkpoint completed
+    config: dict  # the optimize-deformations settings (plain values)
+    models: dict[int, DeformationModel]  # half (1, 2) -> model, eval mode, on the device
+    particles: ParticleSet  # half sets as in the checkpoint
+    star: RelionParticles  # the particles STAR file as read (all columns)
+    validation: torch.Tensor  # (n,) bool, held out from training of both halves
+    device: torch.device
+
+    @property
+    def half_set(self) -> np.ndarray:  # (n,) 1 or 2
+        return self.particles.half_set.numpy()
+
+    def members(self, half: int, *, include_validation: bool = True) -> np.ndarray:
+        """0-based indices of the particles of ``half`` (optionally without validation ones)."""
+        keep = self.half_set == half
+        if not include_validation:
+            keep &= ~self.validation.numpy()
+        return np.flatnonzero(keep)
+
+    def batches(self, indices: np.ndarray, batch_size: int, control=None) -> Iterator[Batch]:
+        """Batches of exactly ``batch_size`` particles (the last one may be smaller, never
+        dropped), polling ``control.check_abort()`` before each."""
+        indices = np.asarray(indices, dtype=np.int64)
+        for start in range(0, indices.shape[0], batch_size):
+            if control is not None:
+                control.check_abort()
+            yield make_batch(self.particles, indices[start:start + batch_size], self.device)
+
+    @torch.no_grad()
+    def latents(self, half: int, batch: Batch) -> torch.Tensor:  # (b, d)
+        """Mean latent code of each particle of ``batch`` under ``half``'s encoder."""
+        return self.models[half].encode(batch.images)[0]
+
+
+def find_forward_checkpoint(output_directory: str | PathLike,
+                            checkpoint_file: str | PathLike | None = None) -> Path:
+    """``checkpoint_file`` if given, else ``checkpoint_final.pth`` (or the latest ``NNN.pth``)
+    of ``output_directory``; :class:`InputError` when there is none."""
+    out = Path(output_directory)
+    if checkpoint_file:
+        path = Path(checkpoint_file)
+        if not path.is_file():
+            raise InputError(path, "--checkpoint-file", "does not exist",
+                             "Give a checkpoint written by optimize-deformations "
+                             "(forward_deformations/checkpoints/*.pth).")
+        return path
+    final = out / FORWARD_CHECKPOINTS / "checkpoint_final.pth"
+    if final.is_file():
+        return final
+    latest = latest_checkpoint(out / FORWARD_CHECKPOINTS)
+    if latest is None:
+        raise InputError(out, "forward_deformations/checkpoints",
+                         "holds no checkpoint of optimize-deformations",
+                         "Run `dynamight optimize-deformations --output-directory "
+                         f"{out}` first, or pass --checkpoint-file.")
+    logger.warning("%s has no checkpoint_final.pth (training did not finish): using %s",
+                   out, latest)
+    return latest
+
+
+def load_forward_run(
+    output_directory: str | PathLike,
+    *,
+    checkpoint_file: str | PathLike | None = None,
+    device: torch.device | str = "cpu",
+    preload_images: bool = False,
+) -> ForwardRun:
+    """Load the forward checkpoint and its particles (see module docstring)."""
+    out = Path(output_directory)
+    path = find_forward_checkpoint(out, checkpoint_file)
+    try:
+        state = load_checkpoint(path)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise InputError(path, "checkpoint", f"cannot be read ({err})",
+                         "Give a checkpoint written by optimize-deformations.") from err
+    config = dict(state["config"])
+    device = torch.device(device)
+    star_path = _particles_star(out, path, config)
+    project = config.get("project_directory")
+    particles, star = load_particle_set(star_path, project_dir=project,
+                                        random_split=bool(config.get("random_half_sets")),
+                                        seed=int(config.get("seed", 0)), preload=preload_images)
+    half_set = state["half_set"]
+    if half_set.shape[0] != len(particles):
+        raise InputError(star_path, "data_particles",
+                         f"has {len(particles)} particles, the checkpoint {path} was trained "
+                         f"on {half_set.shape[0]}",
+                         "Use the particles STAR file the deformations were trained on.")
+    particles = particles.with_half_set(half_set)
+    models = {}
+    for half, half_state in sorted(state["halves"].items()):
+        model = HalfSetTrainer.from_state_dict(half_state, device).model
+        model.eval()
+        models[int(half)] = model
+    logger.info("loaded %s (epoch %d): %d particles, latent dimension %d", path,
+                int(state["epoch"]), len(particles), models[1].decoder.latent_dim)
+    return ForwardRun(output_directory=out, checkpoint_path=path, epoch=int(state["epoch"]),
+                      config=config, models=models, particles=particles, star=star,
+                      validation=state["validation"].bool(), device=device)
+
+
+def _particles_star(out: Path, checkpoint: Path, config: dict) -> Path:
+    given = config.get("refinement_star_file")
+    if given and Path(given).is_file():
+        return Path(given)
+    ours = out / "particles.star"
+    if ours.is_file():
+        return ours
+    raise InputError(Path(given) if given else checkpoint, "refinement_star_file",
+                     "the particles STAR file the deformations were trained on is missing",
+                     "Run from the RELION project directory the training ran in, or restore "
+                     "the file.")
+
+
+__all__ = ["ForwardRun", "find_forward_checkpoint", "load_forward_run"]
