@@ -2,7 +2,8 @@
 
 Forward model of a particle image (all in the centred rfft layout, ``(b, box, box // 2 + 1)``)::
 
-    images -> ImageEncoder -> (mu, logvar) -> z ~ N(mu, exp(logvar))
+    images -> centred, in-plane derotated (encoder_input) -> ImageEncoder -> (mu, logvar)
+           -> z ~ N(mu, exp(logvar))
     z -> DeformationDecoder(consensus positions, z) -> displacements d (b, n_g, 3) Å
     deformed = consensus + d -> project_gaussians_rfft(deformed, sigmas, masses, A)
              -> × CTF -> apply_relion_origin_rfft (image = projection moved by -rlnOrigin)
@@ -34,6 +35,7 @@ from torch import nn
 from .ctf import ctf_2d_rfft
 from .decoder import DeformationDecoder
 from .encoder import ImageEncoder, kl_divergence, reparameterize
+from .encoder_input import canonical_encoder_images
 from .fourier_grids import rfft2_centered
 from .gaussian_model import GaussianModel
 from .gaussian_projection import project_gaussians_rfft
@@ -110,9 +112,16 @@ class DeformationModel(nn.Module):
         self.box_size = int(box_size)
         self.pixel_size = float(pixel_size)
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images (b, box, box)`` -> ``mu (b, d)``, ``logvar (b, d)``."""
-        return self.encoder(images)
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mu (b, d)``, ``logvar (b, d)`` of a batch. The encoder sees each image centred
+        and turned to a common in-plane orientation (:mod:`.encoder_input`), so it needs the
+        poses: pass the :class:`Batch`, not bare images."""
+        if not isinstance(batch, Batch):
+            raise TypeError("DeformationModel.encode takes a Batch (images with their poses "
+                            "and shifts), not bare images")
+        return self.encoder(canonical_encoder_images(
+            batch.images, batch.rotations, batch.shifts_angstrom, self.pixel_size,
+            self.encoder.box_size))
 
     def displacements(self, z: torch.Tensor) -> torch.Tensor:  # (b, n_g, 3) Å
         """Displacement of every consensus Gaussian for latent codes ``z (b, d)``."""
@@ -145,7 +154,7 @@ class DeformationModel(nn.Module):
         ``logvar``, ``z``, ``displacements``, ``deformed``."""
         out: dict[str, torch.Tensor] = {"image_rfft": rfft2_centered(batch.images)}
         if deform:
-            mu, logvar = self.encode(batch.images)
+            mu, logvar = self.encode(batch)
             z = reparameterize(mu, logvar, generator) if sample else mu
             d = self.displacements(z)
             deformed = self.gaussians.positions.detach()[None] + d
@@ -186,8 +195,8 @@ def deformation_error(
     and the per-Gaussian mean over particles (Å)."""
     per_particle, indices, per_gaussian, count = [], [], None, 0
     for batch in batches:
-        d1 = model_1.displacements(model_1.encode(batch.images)[0])
-        d2 = model_2.displacements(model_2.encode(batch.images)[0])
+        d1 = model_1.displacements(model_1.encode(batch)[0])
+        d2 = model_2.displacements(model_2.encode(batch)[0])
         err = (d1 - d2).norm(dim=-1)  # (b, n_g)
         per_particle.append(err.mean(dim=1).cpu().numpy())
         indices.append(batch.indices)

@@ -19,10 +19,17 @@ Schedule (epochs counted from 0):
 - the neighbour graph and repulsion pairs are rebuilt from the consensus at every epoch start.
 - consensus update, after every ``consensus_update_interval``-th joint epoch: the mean latent
   ``mu`` of every training particle seen in the epoch is decoded; the
-  ``consensus_update_fraction`` of particles with the smallest mean displacement are taken and
-  the consensus positions are replaced by the mean of their deformed positions
-  (``consensus + mean d``). The decoder is left as is (its displacements are small for those
-  particles, so the shift of its inputs is small too).
+  ``consensus_update_fraction`` of particles whose deformed model lies closest (mean distance
+  per Gaussian) to the *initial* model, the one both halves started from, are taken and the
+  consensus positions are replaced by the mean of their deformed positions
+  (``consensus + mean d``). Anchoring the choice to the common starting model keeps the two
+  halves' consensus models in the same conformation (the one of the data nearest the consensus
+  refinement) without either half seeing the other's particles; choosing the particles least
+  displaced from the *current* consensus would let each half drift on its own. The decoder is
+  left as is (its displacements are small for those particles, so the shift of its inputs is
+  small too).
+- :meth:`evaluate` gives the data term on held-out particles (no sampling, no gradients): the
+  early-stopping signal of the command.
 - the noise spectrum used in an epoch is estimated from the previous epoch's residuals
   (or from :meth:`initialise_noise` before the first epoch).
 """
@@ -99,6 +106,7 @@ class HalfSetTrainer:
                                          c.n_neurons_per_layer, c.n_linear_layers,
                                          c.n_positional_encoding_dimensions, movable_mask)
         gaussians = copy.deepcopy(initial_gaussians).cpu()
+        self.initial_positions = gaussians.positions.detach().clone().to(self.device)
         self.model = DeformationModel(gaussians, encoder, decoder, c.box_size,
                                       c.pixel_size).to(self.device)
         if c.repulsion_distance <= 0:
@@ -209,11 +217,12 @@ class HalfSetTrainer:
         """Consensus update (module docstring); returns the mean shift of the Gaussians, Å."""
         self.model.eval()
         mean_norm, mean_d = [], []
+        offset = self.model.gaussians.positions.detach() - self.initial_positions  # (n_g, 3)
         for start in range(0, mu.shape[0], chunk):
             d = self.model.displacements(mu[start:start + chunk])
-            mean_norm.append(d.norm(dim=-1).mean(dim=1))
+            mean_norm.append((d + offset).norm(dim=-1).mean(dim=1))
             mean_d.append(d)
-        norms = torch.cat(mean_norm)
+        norms = torch.cat(mean_norm)  # distance of each deformed model from the initial one
         n_keep = max(1, int(round(self.config.consensus_update_fraction * norms.shape[0])))
         keep = torch.argsort(norms)[:n_keep]
         d_all = torch.cat(mean_d)[keep]
@@ -225,13 +234,29 @@ class HalfSetTrainer:
         return moved
 
     @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> float:
+        """Mean residual power per Fourier pixel within Nyquist (unweighted, so epochs compare
+        whatever the noise estimate does) of ``batches`` under the current model with
+        ``z = mu``; nothing is trained. NaN without particles."""
+        self.model.eval()
+        flat = torch.ones_like(self.noise_weights) * (self.noise_weights > 0)
+        total, n = 0.0, 0
+        deform = not self.in_warmup
+        for batch in batches:
+            out = self.model(batch, deform=deform, sample=False)
+            _, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], flat, 1.0)
+            total += float(mse.sum())
+            n += len(batch)
+        return total / n if n else float("nan")
+
+    @torch.no_grad()
     def encode(self, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
         """Mean latent ``mu`` of every particle in ``batches``: ``(indices (m,), mu (m, d))``."""
         self.model.eval()
         idx, mus = [], []
         for batch in batches:
             idx.append(batch.indices)
-            mus.append(self.model.encode(batch.images)[0].cpu().numpy())
+            mus.append(self.model.encode(batch)[0].cpu().numpy())
         d = self.config.latent_dim
         if not idx:
             return np.zeros(0, dtype=np.int64), np.zeros((0, d))
@@ -251,6 +276,7 @@ class HalfSetTrainer:
             "shuffle_rng": self.shuffle_generator.get_state(),
             "sample_rng": self.sample_generator.get_state(),
             "regularization_weight": self.regularization_weight,
+            "initial_positions": self.initial_positions.cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,6 +293,7 @@ class HalfSetTrainer:
         self.shuffle_generator.set_state(state["shuffle_rng"])
         self.sample_generator.set_state(state["sample_rng"])
         self.regularization_weight = float(state["regularization_weight"])
+        self.initial_positions = state["initial_positions"].to(self.device)
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> HalfSetTrainer:

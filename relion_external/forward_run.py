@@ -69,7 +69,7 @@ class ForwardRun:
     @torch.no_grad()
     def latents(self, half: int, batch: Batch) -> torch.Tensor:  # (b, d)
         """Mean latent code of each particle of ``batch`` under ``half``'s encoder."""
-        return self.models[half].encode(batch.images)[0]
+        return self.models[half].encode(batch)[0]
 
 
 def find_forward_checkpoint(output_directory: str | PathLike,

@@ -84,7 +84,7 @@ def test_latent_space_recovers_the_simulated_motion(tmp_path):
                  str(data / "particles.star"), "--initial-model",
                  str(data / "consensus_map.mrc"), "--output-directory", str(out),
                  "--n-gaussians", "500", "--batch-size", "32", "--n-threads", "2",
-                 "--n-warmup-epochs", "2", "--n-epochs", "30",
+                 "--n-warmup-epochs", "2", "--n-epochs", "30", "--early-stopping-patience", "0",
                  "--checkpoint-interval", "10"]) == 0
     p = starfile.read(out / "particles.star")["particles"]
     motion = starfile.read(data / "ground_truth" / "motion.star")["particles"]["dmMotion"]

@@ -12,8 +12,11 @@ volume_half{1,2}_NNN.mrc (each half's consensus Gaussians rendered), forward_def
 loss_log.txt (one line per epoch), and particles.star: the input particles plus
 rlnDynaMightLatent1..d (mean latent code from the particle's own half), rlnDynaMightHalfSet,
 rlnDynaMightValidation (0/1) and rlnDynaMightDeformationError (Å, -1 for training particles).
-Running the same command again continues from the latest checkpoint of the output directory
-(or from --checkpoint-file) with everything restored; --n-epochs is the total.
+Training stops after --n-epochs, or earlier when the residual of the validation particles has
+not improved for --early-stopping-patience joint epochs (both halves stop together). Running the
+same command again continues from the latest checkpoint of the output directory (or from
+--checkpoint-file) with everything restored; --n-epochs is the total. Model settings come from
+the checkpoint then; options that differ from it are listed in a warning.
 
 Example:
   dynamight optimize-deformations --refinement-star-file Refine3D/job010/run_data.star \\
@@ -32,6 +35,7 @@ import torch
 
 from dynamight_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
+from dynamight_core.early_stopping import EarlyStopping
 from dynamight_core.device import choose_device
 from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_from_map
 from dynamight_core.gaussian_projection import render_gaussians_3d
@@ -66,7 +70,15 @@ def add_args(p) -> None:
     p.add_argument("--regularization-factor", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--gpu-id", default=None, help="GPU to use (default: CPU)")
-    p.add_argument("--n-epochs", type=int, default=50, help="total epochs (including warm-up)")
+    p.add_argument("--n-epochs", type=int, default=50,
+                   help="most epochs in total (including warm-up); training may stop earlier, "
+                        "see --early-stopping-patience")
+    p.add_argument("--early-stopping-patience", type=int, default=10,
+                   help="stop when the held-out (validation) residual has not improved for this "
+                        "many joint epochs; 0 = always run --n-epochs")
+    p.add_argument("--early-stopping-min-fraction", type=float, default=0.01,
+                   help="an epoch improves when it beats the best held-out residual by more "
+                        "than this fraction of the total improvement so far")
     p.add_argument("--n-threads", type=int, default=4)
     p.add_argument("--preload-images", action="store_true", help="read all images into RAM")
     p.add_argument("--validation-fraction", type=float, default=0.1)
@@ -156,15 +168,41 @@ def _resume(path, particles, device):
                 for h, s in state["halves"].items()}
     torch.set_rng_state(state["global_rng"])  # unused by training; restored for completeness
     logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
-    return trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"]
+    return trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"], state
 
 
-def _checkpoint_state(args, trainers, validation, half_set, epoch) -> dict:
+# settings fixed by the checkpoint when continuing (the model and its training rule)
+_CHECKPOINT_SETTINGS = (
+    "refinement_star_file", "initial_model", "initial_threshold", "mask_file", "n_gaussians",
+    "n_gaussian_widths", "n_latent_dimensions", "n_positional_encoding_dimensions",
+    "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
+    "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
+    "n_map_fit_steps", "beta", "learning_rate")
+
+
+def _warn_about_changed_settings(args, saved: dict, path) -> None:
+    """Name every option that differs from the checkpoint's (ignored ones and batch size)."""
+    ignored = [f"--{key.replace('_', '-')} (checkpoint {saved[key]!r}, given {getattr(args, key)!r})"
+               for key in _CHECKPOINT_SETTINGS
+               if key in saved and getattr(args, key, None) is not None
+               and str(getattr(args, key)) != str(saved[key])]
+    if ignored:
+        logger.warning("continuing from %s: these options differ from the checkpoint and are "
+                       "IGNORED (the checkpoint's values are used): %s", path, "; ".join(ignored))
+    if "batch_size" in saved and int(saved["batch_size"]) != int(args.batch_size):
+        logger.warning("continuing from %s with --batch-size %d instead of %d: training goes "
+                       "on with the new batch size, so it will not repeat an uninterrupted run",
+                       path, args.batch_size, int(saved["batch_size"]))
+
+
+def _checkpoint_state(args, trainers, validation, half_set, epoch, stopping: EarlyStopping,
+                      stopped_early: bool) -> dict:
     config = {k: v for k, v in vars(args).items()
               if isinstance(v, (int, float, str, bool)) or v is None}
     config.pop("_module", None)
     return {"epoch": epoch, "config": config, "half_set": half_set.clone(),
             "validation": validation.clone(), "global_rng": torch.get_rng_state(),
+            "early_stopping": stopping.state_dict(), "stopped_early": stopped_early,
             "halves": {str(h): t.state_dict() for h, t in trainers.items()}}
 
 
@@ -189,9 +227,20 @@ def main(args, control) -> None:
                                         preload=args.preload_images)
     resume_from = (Path(args.checkpoint_file) if args.checkpoint_file
                    else latest_checkpoint(fwd / "checkpoints"))
+    stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_fraction)
+    stopped_early = False
     if resume_from is not None:
-        trainers, validation, epoch, half_set = _resume(resume_from, particles, device)
+        trainers, validation, epoch, half_set, saved = _resume(resume_from, particles, device)
         particles = particles.with_half_set(half_set)
+        _warn_about_changed_settings(args, saved["config"], resume_from)
+        if "early_stopping" in saved:
+            stopping.load_state_dict({k: v for k, v in saved["early_stopping"].items()
+                                      if k not in ("patience", "min_fraction")})
+        stopped_early = bool(saved.get("stopped_early", False)) and args.early_stopping_patience > 0
+        if stopped_early:
+            logger.info("training stopped early at epoch %d (held-out residual best at epoch "
+                        "%d); not training further (--early-stopping-patience 0 continues to "
+                        "--n-epochs)", epoch, stopping.best_epoch)
     else:
         trainers, validation, epoch = _new_run(args, particles, device)
     (fwd / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -201,33 +250,59 @@ def main(args, control) -> None:
                 int(validation.sum()), epoch + 1, args.n_epochs)
     t_start = time.time()
     first_epoch = epoch
-    while epoch < args.n_epochs:
+    held_out = {h: np.flatnonzero(validation.numpy() & (particles.half_set.numpy() == h))
+                for h in trainers}
+    while epoch < args.n_epochs and not stopped_early:
         t0 = time.time()
         stats = {h: t.train_epoch(_batches(particles, t.epoch_order(), args.batch_size, device,
                                            control))
                  for h, t in trainers.items()}
         epoch += 1
+        residual = float("nan")
+        if not stats[1]["warmup"]:
+            residual = sum(t.evaluate(_batches(particles, held_out[h], args.batch_size, device,
+                                               control)) for h, t in trainers.items())
+            stopped_early = stopping.update(epoch, residual)
         rate = n_train / max(time.time() - t0, 1e-9)
         left = (time.time() - t_start) / (epoch - first_epoch) * (args.n_epochs - epoch)
         mean = {k: 0.5 * (stats[1][k] + stats[2][k]) for k in ("data", "mse", "reg", "kl")}
         lam = [stats[h]["regularization_weight"] for h in (1, 2)]
         phase = "warm-up" if stats[1]["warmup"] else "joint"
         logger.info("epoch %d/%d (%s): data %.4g (mse %.4g) reg %.4g KL %.4g lambda %.3g/%.3g "
-                    "%.0f particles/s, %.0f s left", epoch, args.n_epochs, phase, mean["data"],
-                    mean["mse"], mean["reg"], mean["kl"], lam[0], lam[1], rate, left)
+                    "held-out %.6g, %.0f particles/s, %.0f s left", epoch, args.n_epochs,
+                    phase, mean["data"], mean["mse"], mean["reg"], mean["kl"], lam[0], lam[1],
+                    residual, rate, left)
         with open(fwd / "loss_log.txt", "a") as log:
             log.write(" ".join(
                 [f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
                                       for k in ("data", "mse", "reg", "kl",
-                                                "regularization_weight")]) + "\n")
-        if epoch % max(1, args.checkpoint_interval) == 0 or epoch == args.n_epochs:
+                                                "regularization_weight")]
+                + [f"heldout_residual {residual:.8g}"]) + "\n")
+        if stopped_early:
+            logger.info("early stopping after epoch %d: the held-out residual has not improved "
+                        "for %d epochs (best %.6g at epoch %d)", epoch, stopping.stale_epochs,
+                        stopping.best, stopping.best_epoch)
+        if (epoch % max(1, args.checkpoint_interval) == 0 or epoch == args.n_epochs
+                or stopped_early):
             save_checkpoint(fwd / "checkpoints" / f"{epoch:03d}.pth",
                             _checkpoint_state(args, trainers, validation, particles.half_set,
-                                              epoch))
+                                              epoch, stopping, stopped_early))
             _write_volumes(fwd / "volumes", trainers, epoch, particles)
     save_checkpoint(fwd / "checkpoints" / "checkpoint_final.pth",
-                    _checkpoint_state(args, trainers, validation, particles.half_set, epoch))
+                    _checkpoint_state(args, trainers, validation, particles.half_set, epoch,
+                                      stopping, stopped_early))
+    _log_consensus_agreement(trainers)
     _write_particles(out, args, particles, star, trainers, validation, device, control)
+
+
+def _log_consensus_agreement(trainers) -> None:
+    """How far apart the two halves' consensus models are (they start identical and are kept
+    in the same conformation by the anchored consensus update)."""
+    with torch.no_grad():
+        p1, p2 = (trainers[h].model.gaussians.positions.detach().cpu() for h in (1, 2))
+        gap = (p1 - p2).norm(dim=-1)
+    logger.info("consensus models of the two halves differ by %.3f Å on average "
+                "(95th percentile %.3f Å)", float(gap.mean()), float(gap.quantile(0.95)))
 
 
 def _write_particles(out, args, particles, star, trainers, validation, device, control) -> None:

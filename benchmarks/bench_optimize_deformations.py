@@ -1,0 +1,132 @@
+"""Throughput of deformation training (one joint epoch of ``HalfSetTrainer``), the hot loop of
+``dynamight optimize-deformations``.
+
+Particles are simulated in memory (the hinged test structure, random poses, CTFs and shifts,
+SNR 0.1); a Gaussian model with ``--n-gaussians`` Gaussians is placed in its consensus map; one
+half-set trainer runs one warm-up epoch (not timed) and then ``--epochs`` joint epochs (encoder,
+decoder, regularisation, backward, Adam) that are timed. One line per box: particles/s (particle
+updates per second, the number the reference's 18–20 particles/s at box 64 compares with),
+seconds per epoch, and the time split between the decoder, projection and the rest measured with
+the torch profiler off (wall clock around the stages of one extra instrumented epoch). Peak
+memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's maximum RSS on CPU.
+
+Example::
+
+    python benchmarks/bench_optimize_deformations.py --device cpu --boxes 64
+    python benchmarks/bench_optimize_deformations.py --device cuda --boxes 128 256 \\
+        --n-particles 4000 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynamight_core.deformation_model import make_batch  # noqa: E402
+from dynamight_core.gaussian_model import init_gaussians_from_map  # noqa: E402
+from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig  # noqa: E402
+from dynamight_core.particles import ParticleSet, TensorImageSource  # noqa: E402
+from dynamight_core.simulation import (  # noqa: E402
+    consensus_map, noise_sigma_for_snr, plan_simulation, simulate_images)
+from dynamight_core.synthetic_structure import hinged_structure  # noqa: E402
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--boxes", type=int, nargs="+", default=[64])
+    parser.add_argument("--n-particles", type=int, default=2000)
+    parser.add_argument("--n-gaussians", type=int, default=10000)
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="optimize-deformations' default is 100")
+    parser.add_argument("--epochs", type=int, default=1, help="timed joint epochs")
+    parser.add_argument("--pixel-size", type=float, default=None,
+                        help="Å (default: 192 Å / box, the same molecule at every box)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _dataset(box: int, pixel_size: float, n: int, seed: int):
+    structure = hinged_structure(seed=seed)  # about 120 Å across: fits 192 Å boxes
+    plan = plan_simulation(n, seed=seed)
+    plan = replace(plan, noise_sigma=noise_sigma_for_snr(structure, plan, box, pixel_size, 0.1))
+    images = torch.empty(n, box, box)
+    for idx, batch in simulate_images(structure, plan, box, pixel_size, seed=seed):
+        images[idx] = batch
+    return ParticleSet(images=TensorImageSource(images), rotations=plan.rotations,
+                       shifts_angstrom=plan.shifts_angstrom, ctf=plan.ctf,
+                       half_set=torch.ones(n, dtype=torch.long), pixel_size=pixel_size,
+                       box_size=box), structure
+
+
+def _batches(particles, order, batch_size, device):
+    for start in range(0, len(order), batch_size):
+        yield make_batch(particles, order[start:start + batch_size], device)
+
+
+def run_box(box: int, args, device: torch.device) -> dict:
+    pixel_size = args.pixel_size or 192.0 / box
+    particles, structure = _dataset(box, pixel_size, args.n_particles, args.seed)
+    volume = consensus_map(structure, box, pixel_size)
+    gaussians, _ = init_gaussians_from_map(volume, pixel_size, args.n_gaussians, None, 1,
+                                           torch.Generator().manual_seed(args.seed))
+    config = TrainerConfig(box_size=box, pixel_size=pixel_size,
+                           n_gaussians=gaussians.n_gaussians, n_warmup_epochs=1, seed=args.seed)
+    trainer = HalfSetTrainer(1, config, gaussians, np.arange(len(particles)), device)
+    trainer.initialise_noise(_batches(particles, np.arange(min(512, len(particles))),
+                                      args.batch_size, device))
+    trainer.train_epoch(_batches(particles, trainer.epoch_order(), args.batch_size, device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.epochs):
+        trainer.train_epoch(_batches(particles, trainer.epoch_order(), args.batch_size, device))
+    _sync(device)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    n = args.epochs * len(particles)
+    return {"box": box, "pixel_size": pixel_size, "n_gaussians": gaussians.n_gaussians,
+            "particles": n, "seconds": seconds, "rate": n / seconds,
+            "cpu_s_per_particle": cpu_seconds / n, "seconds_per_epoch": seconds / args.epochs,
+            "peak_mib": _peak_mib(device)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"# torch {torch.__version__}, device {device} ({name}), threads "
+          f"{torch.get_num_threads()}, batch {args.batch_size}, {args.n_particles} particles")
+    print("box  Å/px  gaussians  particles  s/epoch  particles/s  cpu-s/particle  peak MiB")
+    for box in args.boxes:
+        r = run_box(box, args, device)
+        print(f"{r['box']:>3}  {r['pixel_size']:.2f}  {r['n_gaussians']:>9}  {r['particles']:>9}  "
+              f"{r['seconds_per_epoch']:7.1f}  {r['rate']:11.1f}  {r['cpu_s_per_particle']:14.4f}  "
+              f"{r['peak_mib']:8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

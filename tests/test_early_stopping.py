@@ -1,0 +1,42 @@
+"""The early-stopping rule on hand-made loss curves."""
+
+from __future__ import annotations
+
+from dynamight_core.early_stopping import EarlyStopping
+
+
+def run(values, **kw):
+    rule = EarlyStopping(**kw)
+    for epoch, value in enumerate(values, start=1):
+        if rule.update(epoch, value):
+            return epoch, rule
+    return None, rule
+
+
+def test_stops_after_patience_epochs_on_a_plateau():
+    curve = [10.0, 8.0, 7.0, 6.5, 6.4] + [6.4] * 10
+    stopped, rule = run(curve, patience=3)
+    assert stopped == 8 and rule.best_epoch == 5
+
+
+def test_keeps_going_while_improving_and_never_with_zero_patience():
+    decreasing = [10.0 - 0.5 * k for k in range(15)]
+    assert run(decreasing, patience=3)[0] is None
+    assert run([10.0, 9.0] + [9.0] * 20, patience=0)[0] is None
+
+
+def test_tiny_improvements_do_not_count():
+    # total improvement 4, tolerance 1% of it = 0.04: steps of 0.01 are noise
+    curve = [10.0, 6.0] + [6.0 - 0.01 * k for k in range(1, 10)]
+    stopped, rule = run(curve, patience=4)
+    assert stopped == 6 and rule.best == 6.0
+
+
+def test_state_round_trip():
+    a = EarlyStopping(patience=3)
+    for epoch, v in enumerate([5.0, 4.0, 4.0], start=1):
+        a.update(epoch, v)
+    b = EarlyStopping(patience=3)
+    b.load_state_dict(a.state_dict())
+    assert b == a
+    assert [a.update(4, 4.0), a.update(5, 4.0)] == [b.update(4, 4.0), b.update(5, 4.0)]
