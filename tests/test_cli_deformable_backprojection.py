@@ -1,0 +1,127 @@
+"""`dynamight deformable-backprojection` end to end: simulate -> optimize-deformations (a few
+epochs) -> deformed half maps, FSC, exit files, errors; and the halves' independence."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from relion_external.cli import main
+from relion_external.commands import deformable_backprojection as command
+from relion_external.commands.deformable_backprojection import backproject_half
+from relion_external.forward_run import load_forward_run
+
+BOX, PX = 32, 6.0
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``cli.main`` points the root logger at the sys.stdout of the moment (capsys's, in some
+    tests); put the previous handlers back so later tests do not log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A small simulated dataset and a 2-epoch optimize-deformations run on it."""
+    root = tmp_path_factory.mktemp("dbp")
+    data, job = root / "sim", root / "job"
+    assert main(["simulate", "--output-directory", str(data), "--n-particles", "160",
+                 "--box-size", str(BOX), "--pixel-size", str(PX), "--snr", "1.0",
+                 "--n-gaussians", "300"]) == 0
+    assert main(["optimize-deformations", "--refinement-star-file", str(data / "particles.star"),
+                 "--initial-model", str(data / "consensus_map.mrc"), "--output-directory",
+                 str(job), "--n-gaussians", "300", "--batch-size", "32", "--n-threads", "1",
+                 "--n-epochs", "2", "--n-map-fit-steps", "20"]) == 0
+    return data, job
+
+
+def test_writes_half_maps_fsc_and_exit_file(trained, tmp_path, capsys):
+    data, job = trained
+    control = tmp_path / "relion_job"
+    control.mkdir()
+    assert main(["deformable-backprojection", str(job), "--batch-size", "24", "--n-threads", "1",
+                 "--mask-file", str(data / "mask.mrc"), "--pipeline-control", str(control)]) == 0
+    assert (control / "RELION_JOB_EXIT_SUCCESS").exists()
+    out = job / "backprojection"
+    maps = []
+    for half in (1, 2):
+        with mrcfile.open(out / f"map_half{half}.mrc") as mrc:
+            assert mrc.data.shape == (BOX, BOX, BOX)
+            assert mrc.voxel_size.x == pytest.approx(PX)
+            maps.append(np.array(mrc.data))
+    assert all(np.isfinite(m).all() and m.std() > 0 for m in maps)
+    assert not np.allclose(maps[0], maps[1])  # two independent reconstructions
+    table = starfile.read(out / "fsc.star")
+    curve = table["fsc"]
+    assert len(curve) == BOX // 2 + 1
+    assert {"rlnFourierShellCorrelationUnmaskedMaps",
+            "rlnFourierShellCorrelationMaskedMaps"} <= set(curve.columns)
+    assert curve["rlnFourierShellCorrelationUnmaskedMaps"].iloc[1:4].min() > 0.5
+    assert (out / "fsc.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "Resolution:" in printed
+    assert "particles/s" in printed
+
+
+def test_downsample_halves_the_box(trained, tmp_path):
+    _, job = trained
+    assert main(["deformable-backprojection", str(job), "--batch-size", "64", "--n-threads", "1",
+                 "--downsample", "2"]) == 0
+    with mrcfile.open(job / "backprojection" / "map_half1.mrc") as mrc:
+        assert mrc.data.shape == (BOX // 2,) * 3
+        assert mrc.voxel_size.x == pytest.approx(2 * PX)
+    assert main(["deformable-backprojection", str(job), "--downsample", "3"]) == 1
+
+
+def test_bad_output_directory_fails_clearly(tmp_path, capsys):
+    control = tmp_path / "relion_job"
+    control.mkdir()
+    missing = tmp_path / "nowhere"
+    assert main(["deformable-backprojection", str(missing), "--pipeline-control",
+                 str(control)]) == 1
+    assert (control / "RELION_JOB_EXIT_FAILURE").exists()
+    err = capsys.readouterr().err
+    assert str(missing) in err and "optimize-deformations" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["deformable-backprojection", str(empty)]) == 1
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_halves_share_no_model(trained, monkeypatch):
+    _, job = trained
+    run = load_forward_run(job)
+    storage = {half: {p.untyped_storage().data_ptr() for p in run.models[half].parameters()}
+               for half in (1, 2)}
+    assert not storage[1] & storage[2]
+    assert (run.models[1].gaussians.positions.untyped_storage().data_ptr()
+            != run.models[2].gaussians.positions.untyped_storage().data_ptr())
+    before = backproject_half(run, 1, batch_size=40, grid_size=9)
+    with torch.no_grad():  # wreck half 2: half 1's map must not notice
+        for p in run.models[2].parameters():
+            p.add_(torch.randn_like(p))
+    seen = []
+
+    class Counting(command.DeformedBackprojector):
+        def add(self, images, *args, **kwargs):
+            seen.append(images.shape[0])
+            super().add(images, *args, **kwargs)
+
+    monkeypatch.setattr(command, "DeformedBackprojector", Counting)
+    after = backproject_half(run, 1, batch_size=40, grid_size=9)
+    torch.testing.assert_close(after, before)
+    # every particle of half 1 is used, its validation particles included; the last batch too
+    in_half = run.half_set == 1
+    assert (run.validation.numpy() & in_half).any()
+    assert sum(seen) == int(in_half.sum()) and len(seen) == -(-int(in_half.sum()) // 40)
