@@ -6,8 +6,11 @@ centre at index ``N // 2``, rotations are RELION ``A`` matrices (:mod:`.rotation
 
 from ._version import __version__
 from .ctf import ctf_2d_rfft, electron_wavelength_angstrom
+from .deformed_backprojection import DeformedBackprojector
 from .fsc import fsc, resolution_at_threshold
 from .gaussian_projection import project_gaussians_rfft, render_gaussians_3d
+from .inverse_deformation import (
+    FixedPointInverse, InverseDeformationNetwork, warp_volume_to_latent)
 from .map_projection import project_map, simulate_particle_images
 from .particles import CTFParams, ImageSource, ParticleSet, TensorImageSource
 from .reconstruction import FourierAccumulator
@@ -15,8 +18,11 @@ from .rotation import euler_to_matrix, matrix_to_euler, random_rotations
 
 __all__ = [
     "CTFParams",
+    "DeformedBackprojector",
+    "FixedPointInverse",
     "FourierAccumulator",
     "ImageSource",
+    "InverseDeformationNetwork",
     "ParticleSet",
     "TensorImageSource",
     "__version__",
@@ -31,4 +37,5 @@ __all__ = [
     "render_gaussians_3d",
     "resolution_at_threshold",
     "simulate_particle_images",
+    "warp_volume_to_latent",
 ]

@@ -1,0 +1,251 @@
+"""Throughput of the inverse deformations: network training epochs and fixed-point evaluation.
+
+Synthetic inputs sized like a real run: ``--n-gaussians`` consensus Gaussians filling an
+ellipsoid in the box, a forward :class:`DeformationDecoder` with random weights (its output layer
+re-initialised so displacements are a few Å), random latent codes. Measurements, one line each:
+
+- ``latent pass``: the image encoder on ``--n-particles`` random images (the command does this
+  once per run, not per epoch).
+- ``network epoch``: one inverse-network epoch over ``--n-particles``: the forward decoder on all
+  Gaussians of every particle plus one training step per batch (``--points-per-particle``
+  Gaussians drawn per particle, smoothness term on). Comparable to the reference's inverse epoch
+  (which also re-reads and re-encodes the images every epoch).
+- ``network eval``: the trained network on all Gaussians of every particle (the held-out
+  measurement).
+- ``fixed-point eval``: :class:`FixedPointInverse` on all Gaussians of every particle
+  (forward and splatted inverse fields, ``--n-iterations`` iterations), the decoder included.
+- ``warp volume``: :func:`warp_volume_to_latent` of a box³ map for a few particles (fixed-point
+  inverse, all voxels).
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's maximum RSS on CPU
+(a high-water mark over the whole run; ``+N`` is how much that measurement raised it).
+
+Example::
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_inverse.py --boxes 64 128
+    python benchmarks/bench_inverse.py --device cuda --boxes 64 128 256 --n-particles 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynamight_core.decoder import DeformationDecoder  # noqa: E402
+from dynamight_core.deformed_backprojection import choose_grid_size  # noqa: E402
+from dynamight_core.encoder import ImageEncoder  # noqa: E402
+from dynamight_core.inverse_deformation import (  # noqa: E402
+    FixedPointInverse,
+    InverseDeformationTrainer,
+    InverseTrainerConfig,
+    fixed_point_inverse_map,
+    inversion_errors,
+    warp_volume_to_latent,
+)
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--n-particles", type=int, default=2000)
+    parser.add_argument("--n-gaussians", type=int, default=10000)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--latent-dim", type=int, default=2)
+    parser.add_argument("--points-per-particle", type=int, default=1024)
+    parser.add_argument("--n-neurons", type=int, default=64)
+    parser.add_argument("--n-iterations", type=int, default=5)
+    parser.add_argument("--n-warp", type=int, default=4, help="particles for the volume warp")
+    parser.add_argument("--pixel-size", type=float, default=1.5, help="Å")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--only", nargs="+", default=["latent", "network", "fixed-point", "warp"],
+                        choices=["latent", "network", "fixed-point", "warp"])
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+class PeakMemory:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.text = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_before = _max_rss_mib()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.text = f"peak_gpu={torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        else:
+            after = _max_rss_mib()
+            self.text = f"max_rss={after:.0f} MiB (+{after - self.rss_before:.0f})"
+
+
+def _report(name: str, box: int, n: int, seconds: float, memory: PeakMemory,
+            extra: str = "") -> None:
+    print(f"{name:<18} box={box:<4d} particles={n:<6d} time={seconds:8.2f} s "
+          f"throughput={n / seconds:9.1f} particles/s  {memory.text}{extra}", flush=True)
+
+
+def _setup(args, box: int, device: torch.device):
+    g = torch.Generator().manual_seed(args.seed)
+    half_box = box * args.pixel_size / 2
+    pts = torch.rand(8 * args.n_gaussians, 3, generator=g) * 2 - 1
+    pts = pts[(pts**2).sum(-1) <= 1][:args.n_gaussians]
+    consensus = (pts * torch.tensor([0.6, 0.45, 0.4]) * half_box).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        decoder = DeformationDecoder(box, args.pixel_size, args.latent_dim)
+        # smooth motions as a trained, regularised decoder gives: only the 3 coarsest
+        # encoding frequencies feed it (same cost), displacements of a few Å
+        with torch.no_grad():
+            freq = torch.arange(decoder.position_layer.in_features) % (3 * decoder.n_freqs) // 3
+            decoder.position_layer.weight[:, freq >= 3] = 0.0
+            torch.nn.init.normal_(decoder.output_layer.weight, std=0.02)
+    decoder = decoder.to(device).eval()
+    z = torch.randn(args.n_particles, args.latent_dim, generator=g).to(device)
+    return consensus, decoder, z
+
+
+def bench_latent(args, box: int, device: torch.device) -> None:
+    encoder = ImageEncoder(box, args.latent_dim, 256, 3, mask_radius_px=box // 2).to(device)
+    images = torch.randn(args.batch_size, box, box).to(device)
+    with torch.no_grad(), PeakMemory(device) as memory:
+        encoder(images)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(math.ceil(args.n_particles / args.batch_size)):
+            encoder(images)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    _report("latent pass", box, args.n_particles, seconds, memory,
+            "  (encoder only; images from RAM)")
+
+
+def bench_network(args, box: int, device: torch.device, consensus, decoder, z) -> None:
+    config = InverseTrainerConfig(box, args.pixel_size, args.latent_dim,
+                                  n_neurons=args.n_neurons,
+                                  points_per_particle=args.points_per_particle, seed=args.seed)
+    trainer = InverseDeformationTrainer(1, config, range(args.n_particles), device)
+    bs = args.batch_size
+
+    def displace(gaussians, zb):
+        return decoder(consensus[gaussians], zb)
+
+    trainer.train_step(consensus[:args.points_per_particle],
+                       displace(torch.arange(args.points_per_particle, device=device),
+                                z[:bs]).detach(), z[:bs])  # warm-up
+    with PeakMemory(device) as memory:
+        _sync(device)
+        start = time.perf_counter()
+        stats = trainer.train_epoch(z, consensus, displace, bs)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    _report("network epoch", box, args.n_particles, seconds, memory,
+            f"  batch={bs} points/particle={args.points_per_particle} "
+            f"n_gaussians={args.n_gaussians} rms={stats['rms']:.3f} Å")
+    n_eval = min(args.n_particles, 500)
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        for s in range(0, n_eval, bs):
+            zb = z[s:s + bs]
+            with torch.no_grad():
+                d = decoder(consensus, zb)
+            inversion_errors(lambda y, zb=zb: trainer.invert(y, zb), consensus, d)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    _report("network eval", box, n_eval, seconds, memory, "  all Gaussians")
+
+
+def bench_fixed_point(args, box: int, device: torch.device, consensus, decoder, z) -> int:
+    grid = choose_grid_size(consensus.cpu(), box, args.pixel_size)
+    n_eval = min(args.n_particles, 500)
+    bs = min(args.batch_size, 32)
+    err_sum, err_n, iters = 0.0, 0, 0
+    with torch.no_grad(), PeakMemory(device) as memory:
+        start = time.perf_counter()
+        for s in range(0, n_eval, bs):
+            zb = z[s:s + bs]
+            d = decoder(consensus, zb)
+            solver = FixedPointInverse(consensus, d, box, args.pixel_size, grid_size=grid,
+                                       n_iterations=args.n_iterations)
+            e = inversion_errors(solver, consensus, d)
+            err_sum, err_n = err_sum + float(e.sum()), err_n + e.numel()
+            iters = max(iters, solver.iterations_used)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    _report("fixed-point eval", box, n_eval, seconds, memory,
+            f"  grid={grid}^3 batch={bs} iterations<={iters} mean error {err_sum / err_n:.3f} Å "
+            f"(|d| mean {float(d.norm(dim=-1).mean()):.2f} Å)")
+    return grid
+
+
+def bench_warp(args, box: int, device: torch.device, consensus, decoder, z, grid: int) -> None:
+    volume = torch.randn(box, box, box).to(device)
+    with torch.no_grad(), PeakMemory(device) as memory:
+        start = time.perf_counter()
+        for p in range(args.n_warp):
+            d = decoder(consensus, z[p:p + 1])[0]
+            inverse = fixed_point_inverse_map(consensus, d, box, args.pixel_size, grid_size=grid,
+                                              n_iterations=args.n_iterations)
+            warp_volume_to_latent(volume, inverse, args.pixel_size)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    _report("warp volume", box, args.n_warp, seconds, memory,
+            f"  {box}^3 voxels, fixed-point grid {grid}^3")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(f"# torch {torch.__version__}, device {device} ({name}), "
+          f"threads {torch.get_num_threads()}, python {platform.python_version()}", flush=True)
+    for box in sorted(args.boxes):
+        consensus, decoder, z = _setup(args, box, device)
+        if "latent" in args.only:
+            bench_latent(args, box, device)
+        if "network" in args.only:
+            bench_network(args, box, device, consensus, decoder, z)
+        grid = choose_grid_size(consensus.cpu(), box, args.pixel_size)
+        if "fixed-point" in args.only:
+            grid = bench_fixed_point(args, box, device, consensus, decoder, z)
+        if "warp" in args.only:
+            bench_warp(args, box, device, consensus, decoder, z, grid)
+
+
+if __name__ == "__main__":
+    main(add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args())
