@@ -11,6 +11,20 @@ if ! command -v relion_reconstruct >/dev/null 2>&1; then
     echo "[install] cannot install RELION here (needs root and apt-get): RELION tests will skip"
   fi
 fi
+# Xvfb and Qt's system libraries for the napari explorer's window tests (skipped without them)
+GUI_PKGS="xvfb xauth libgl1 libegl1 libgl1-mesa-dri libglib2.0-0 libfontconfig1 libdbus-1-3
+  libxkbcommon-x11-0 libx11-xcb1 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1
+  libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 libxcb-xkb1"
+gui_libs() { command -v dpkg >/dev/null 2>&1 && dpkg -s $GUI_PKGS >/dev/null 2>&1; }
+if ! gui_libs && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[install] Xvfb and Qt's libraries (Debian packages, for the napari explorer tests)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends $GUI_PKGS >/dev/null
+fi
+EXTRAS=dev
+if gui_libs; then EXTRAS=dev,gui-test; else
+  echo "[install] no Xvfb/Qt libraries (needs root and apt-get): napari window tests will skip"
+fi
 source scripts/_install.sh
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -e ".[$EXTRAS]"
 exec "$PY" -m pytest "$@"
