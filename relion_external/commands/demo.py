@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 def add_args(p) -> None:
     p.add_argument("--output-directory", default="demo_output")
     p.add_argument("--n-particles", type=int, default=2000)
+    p.add_argument("--box-size", type=int, default=64, help="pixels")
+    p.add_argument("--pixel-size", type=float, default=3.0, help="Å per pixel")
+    p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--n-gaussians", type=int, default=3000)
     p.add_argument("--n-epochs", type=int, default=20, help="optimize-deformations epochs")
     p.add_argument("--n-threads", type=int, default=2)
@@ -116,7 +119,9 @@ def main(args, control) -> None:
     data, job = out / "data", out / "dynamight"
     t0 = time.time()
     stages = [
-        ("simulate", simulate, (), dict(output_directory=data, n_particles=args.n_particles)),
+        ("simulate", simulate, (), dict(output_directory=data, n_particles=args.n_particles,
+                                       box_size=args.box_size, pixel_size=args.pixel_size,
+                                       snr=args.snr)),
         ("rigid reconstruction", reconstruct, (), dict(
             refinement_star_file=data / "particles.star", output_directory=out / "reconstruct",
             mask_file=data / "mask.mrc", gpu_id=args.gpu_id)),
