@@ -53,6 +53,11 @@ def test_writes_half_maps_fsc_and_exit_file(trained, tmp_path, capsys):
     assert main(["deformable-backprojection", str(job), "--batch-size", "24", "--n-threads", "1",
                  "--mask-file", str(data / "mask.mrc"), "--pipeline-control", str(control)]) == 0
     assert (control / "RELION_JOB_EXIT_SUCCESS").exists()
+    nodes = starfile.read(control / "RELION_OUTPUT_NODES.star")
+    assert nodes["rlnPipeLineNodeName"].tolist() == [
+        f"{job.as_posix()}/backprojection/map_half{h}.mrc" for h in (1, 2)]
+    assert set(nodes["rlnPipeLineNodeTypeLabel"]) == {"DensityMap.mrc.relion.halfmap.dynamight"}
+    assert set(nodes["rlnPipeLineNodeType"]) == {10}
     out = job / "backprojection"
     maps = []
     for half in (1, 2):

@@ -34,6 +34,7 @@ from ..errors import InputError
 from ..forward_run import ForwardRun, load_forward_run
 from ..fsc_output import write_fsc
 from ..map_io import read_map, write_map
+from ..output_nodes import DYNAMIGHT_HALF_MAP, OutputNode, node_name, write_output_nodes
 from ..particles_adapter import check_map_matches
 
 logger = logging.getLogger(__name__)
@@ -132,5 +133,9 @@ def main(args, control) -> None:
     res = write_fsc(folder / "fsc", curves, box, pixel_size, "deformed half maps")
     for key, value in res.items():
         logger.info("resolution (FSC 0.143, %s): %.2f Å", key, value)
+    if args.pipeline_control:  # RELION-5's DynaMight job: the half maps are its output nodes
+        write_output_nodes(args.pipeline_control, [
+            OutputNode(node_name(out, f"backprojection/map_half{h}.mrc"), DYNAMIGHT_HALF_MAP)
+            for h in (1, 2)])
     print(f"Resolution: {min(res.values()):.2f} Å "
           f"({', '.join(f'{k} {v:.2f} Å' for k, v in res.items())})", flush=True)
