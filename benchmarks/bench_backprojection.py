@@ -25,8 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
+from _common import (  # noqa: E402
+    PeakMemory, add_device_arg, add_threads_seed_args, print_header, random_ctf, setup_device,
+    sync)
 from dynamight_core.decoder import DeformationDecoder  # noqa: E402
 from dynamight_core.deformation_model import Batch, DeformationModel  # noqa: E402
 from dynamight_core.deformed_backprojection import (  # noqa: E402
@@ -43,7 +46,6 @@ from dynamight_core.deformed_backprojection import (  # noqa: E402
 from dynamight_core.displacement_field import displacement_grid_from_gaussians  # noqa: E402
 from dynamight_core.encoder import ImageEncoder  # noqa: E402
 from dynamight_core.gaussian_model import GaussianModel  # noqa: E402
-from dynamight_core.particles import CTFParams  # noqa: E402
 from dynamight_core.rotation import random_rotations  # noqa: E402
 
 DEFAULT_PARTICLES = {64: 2000, 128: 256, 256: 512, 320: 256}
@@ -51,7 +53,7 @@ DEFAULT_BATCH = {64: 32, 128: 16, 256: 16, 320: 8}
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--boxes", type=int, nargs="+", default=None,
                         help="default: 64 128 on CPU, 64 128 256 320 on CUDA")
     parser.add_argument("--n-particles", type=int, default=None,
@@ -64,18 +66,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="displacement-field nodes per axis (default: choose_grid_size)")
     parser.add_argument("--max-chunk-voxels", type=int, default=None,
                         help="DeformedBackprojector chunk (default: its device default)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_threads_seed_args(parser)
     return parser
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _model(args, box: int, g: torch.Generator, device: torch.device) -> DeformationModel:
@@ -93,10 +85,7 @@ def _model(args, box: int, g: torch.Generator, device: torch.device) -> Deformat
 
 
 def _batch(box: int, b: int, g: torch.Generator, device: torch.device, start: int) -> Batch:
-    defocus = 8000.0 + 12000.0 * torch.rand(b, generator=g)
-    ctf = CTFParams.from_values(b, defocus_u_angstrom=defocus + 300.0,
-                                defocus_v_angstrom=defocus - 300.0,
-                                defocus_angle_degrees=180.0 * torch.rand(b, generator=g))
+    ctf = random_ctf(b, g)
     return Batch(indices=np.arange(start, start + b),
                  images=torch.randn(b, box, box, generator=g).to(device),
                  rotations=random_rotations(b, generator=g).float().to(device),
@@ -116,63 +105,47 @@ def bench_box(args, box: int, device: torch.device) -> None:
     batches = [_batch(box, b, g, device, i * b) for i in range(min(len(sizes), 4))]
     if n % b:
         last = _batch(box, n % b, g, device, 0)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _max_rss_mib()
-    backprojector = DeformedBackprojector(box, args.pixel_size, device,
-                                          max_chunk_voxels=args.max_chunk_voxels)
-    networks = 0.0
+    with PeakMemory(device) as memory:
+        backprojector = DeformedBackprojector(box, args.pixel_size, device,
+                                              max_chunk_voxels=args.max_chunk_voxels)
+        networks = 0.0
 
-    def step(batch: Batch) -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            z = model.encode(batch)[0]
-            field = displacement_grid_from_gaussians(positions, model.displacements(z), box,
-                                                     args.pixel_size, grid_size=grid_size)
-        _sync(device)
-        t1 = time.perf_counter()
-        backprojector.add(batch.images, batch.rotations, batch.shifts_angstrom, batch.ctf,
-                          field)
-        return t1 - t0
+        def step(batch: Batch) -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                z = model.encode(batch)[0]
+                field = displacement_grid_from_gaussians(positions, model.displacements(z), box,
+                                                         args.pixel_size, grid_size=grid_size)
+            sync(device)
+            t1 = time.perf_counter()
+            backprojector.add(batch.images, batch.rotations, batch.shifts_angstrom, batch.ctf,
+                              field)
+            return t1 - t0
 
-    step(batches[0])  # warm-up, excluded
-    _sync(device)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for i, size in enumerate(sizes):
-        networks += step(batches[i % len(batches)] if size == b else last)
-    _sync(device)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        step(batches[0])  # warm-up, excluded
+        sync(device)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for i, size in enumerate(sizes):
+            networks += step(batches[i % len(batches)] if size == b else last)
+        sync(device)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     n_timed = sum(sizes)
-    if device.type == "cuda":
-        memory = f"peak_gpu={torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-    else:
-        after = _max_rss_mib()
-        memory = f"max_rss={after:.0f} MiB (+{after - rss_before:.0f})"
     print(f"deformed_bp box={box:<4d} batch={b:<3d} grid={grid_size:<3d} particles={n_timed:<5d} "
           f"time={wall:8.2f} s  throughput={n_timed / wall:8.1f} particles/s  "
           f"cpu={cpu / n_timed:.4f} CPU-s/particle  networks+field={networks / wall:5.1%}  "
-          f"{memory}", flush=True)
+          f"{memory.text}", flush=True)
     t0 = time.perf_counter()
     backprojector.reconstruct()
-    _sync(device)
+    sync(device)
     print(f"{'reconstruct()':<11} box={box:<4d} time={time.perf_counter() - t0:8.3f} s",
           flush=True)
 
 
 def main(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_device(args)
     boxes = args.boxes or ([64, 128, 256, 320] if device.type == "cuda" else [64, 128])
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine())
-    load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
-    print(f"# torch {torch.__version__}, device {device} ({name}), threads "
-          f"{torch.get_num_threads()}, load average {load}, {args.n_gaussians} Gaussians",
-          flush=True)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print_header(device, f"load average {load}", f"{args.n_gaussians} Gaussians")
     for box in boxes:
         bench_box(args, box, device)
 

@@ -31,15 +31,17 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
+from _common import (  # noqa: E402
+    PeakMemory, add_device_arg, add_threads_seed_args, print_header, setup_device, sync)
 from dynamight_core.decoder import DeformationDecoder  # noqa: E402
 from dynamight_core.deformed_backprojection import choose_grid_size  # noqa: E402
 from dynamight_core.encoder import ImageEncoder  # noqa: E402
@@ -54,7 +56,7 @@ from dynamight_core.inverse_deformation import (  # noqa: E402
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--n-particles", type=int, default=2000)
     parser.add_argument("--n-gaussians", type=int, default=10000)
@@ -65,40 +67,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-iterations", type=int, default=5)
     parser.add_argument("--n-warp", type=int, default=4, help="particles for the volume warp")
     parser.add_argument("--pixel-size", type=float, default=1.5, help="Å")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--only", nargs="+", default=["latent", "network", "fixed-point", "warp"],
                         choices=["latent", "network", "fixed-point", "warp"])
-    parser.add_argument("--seed", type=int, default=0)
+    add_threads_seed_args(parser)
     return parser
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-class PeakMemory:
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.text = ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss_before = _max_rss_mib()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.text = f"peak_gpu={torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
-        else:
-            after = _max_rss_mib()
-            self.text = f"max_rss={after:.0f} MiB (+{after - self.rss_before:.0f})"
 
 
 def _report(name: str, box: int, n: int, seconds: float, memory: PeakMemory,
@@ -132,11 +104,11 @@ def bench_latent(args, box: int, device: torch.device) -> None:
     images = torch.randn(args.batch_size, box, box).to(device)
     with torch.no_grad(), PeakMemory(device) as memory:
         encoder(images)  # warm-up
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(math.ceil(args.n_particles / args.batch_size)):
             encoder(images)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     _report("latent pass", box, args.n_particles, seconds, memory,
             "  (encoder only; images from RAM)")
@@ -156,10 +128,10 @@ def bench_network(args, box: int, device: torch.device, consensus, decoder, z) -
                        displace(torch.arange(args.points_per_particle, device=device),
                                 z[:bs]).detach(), z[:bs])  # warm-up
     with PeakMemory(device) as memory:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         stats = trainer.train_epoch(z, consensus, displace, bs)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     _report("network epoch", box, args.n_particles, seconds, memory,
             f"  batch={bs} points/particle={args.points_per_particle} "
@@ -172,7 +144,7 @@ def bench_network(args, box: int, device: torch.device, consensus, decoder, z) -
             with torch.no_grad():
                 d = decoder(consensus, zb)
             inversion_errors(lambda y, zb=zb: trainer.invert(y, zb), consensus, d)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     _report("network eval", box, n_eval, seconds, memory, "  all Gaussians")
 
@@ -192,7 +164,7 @@ def bench_fixed_point(args, box: int, device: torch.device, consensus, decoder, 
             e = inversion_errors(solver, consensus, d)
             err_sum, err_n = err_sum + float(e.sum()), err_n + e.numel()
             iters = max(iters, solver.iterations_used)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     _report("fixed-point eval", box, n_eval, seconds, memory,
             f"  grid={grid}^3 batch={bs} iterations<={iters} mean error {err_sum / err_n:.3f} Å "
@@ -209,31 +181,15 @@ def bench_warp(args, box: int, device: torch.device, consensus, decoder, z, grid
             inverse = fixed_point_inverse_map(consensus, d, box, args.pixel_size, grid_size=grid,
                                               n_iterations=args.n_iterations)
             warp_volume_to_latent(volume, inverse, args.pixel_size)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     _report("warp volume", box, args.n_warp, seconds, memory,
             f"  {box}^3 voxels, fixed-point grid {grid}^3")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"# torch {torch.__version__}, device {device} ({name}), "
-          f"threads {torch.get_num_threads()}, python {platform.python_version()}", flush=True)
+    device = setup_device(args)
+    print_header(device, f"python {platform.python_version()}")
     for box in sorted(args.boxes):
         consensus, decoder, z = _setup(args, box, device)
         if "latent" in args.only:

@@ -20,8 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -30,8 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
+from _common import (  # noqa: E402
+    add_device_arg, add_threads_seed_args, peak_mib, print_header, setup_device, sync)
 from dynamight_core.deformation_model import make_batch  # noqa: E402
 from dynamight_core.gaussian_model import init_gaussians_from_map  # noqa: E402
 from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig  # noqa: E402
@@ -42,7 +43,7 @@ from dynamight_core.synthetic_structure import hinged_structure  # noqa: E402
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--boxes", type=int, nargs="+", default=[64])
     parser.add_argument("--n-particles", type=int, default=2000)
     parser.add_argument("--n-gaussians", type=int, default=10000)
@@ -51,20 +52,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=1, help="timed joint epochs")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="Å (default: 192 Å / box, the same molecule at every box)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_threads_seed_args(parser)
     return parser
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _dataset(box: int, pixel_size: float, n: int, seed: int):
@@ -99,27 +88,23 @@ def run_box(box: int, args, device: torch.device) -> dict:
     trainer.train_epoch(_batches(particles, trainer.epoch_order(), args.batch_size, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.epochs):
         trainer.train_epoch(_batches(particles, trainer.epoch_order(), args.batch_size, device))
-    _sync(device)
+    sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     n = args.epochs * len(particles)
     return {"box": box, "pixel_size": pixel_size, "n_gaussians": gaussians.n_gaussians,
             "particles": n, "seconds": seconds, "rate": n / seconds,
             "cpu_s_per_particle": cpu_seconds / n, "seconds_per_epoch": seconds / args.epochs,
-            "peak_mib": _peak_mib(device)}
+            "peak_mib": peak_mib(device)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(f"# torch {torch.__version__}, device {device} ({name}), threads "
-          f"{torch.get_num_threads()}, batch {args.batch_size}, {args.n_particles} particles")
+    device = setup_device(args)
+    print_header(device, f"batch {args.batch_size}", f"{args.n_particles} particles")
     print("box  Å/px  gaussians  particles  s/epoch  particles/s  cpu-s/particle  peak MiB")
     for box in args.boxes:
         r = run_box(box, args, device)

@@ -19,18 +19,20 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
+from _common import (  # noqa: E402
+    PeakMemory, add_device_arg, add_threads_seed_args, print_header, random_ctf, setup_device,
+    sync)
 from dynamight_core.ctf import ctf_2d_rfft  # noqa: E402
 from dynamight_core.gaussian_projection import project_gaussians_rfft  # noqa: E402
-from dynamight_core.particles import CTFParams  # noqa: E402
 from dynamight_core.reconstruction import FourierAccumulator  # noqa: E402
 from dynamight_core.rotation import random_rotations  # noqa: E402
 from dynamight_core.shift import apply_relion_origin_rfft  # noqa: E402
@@ -41,7 +43,7 @@ DEFAULT_BATCH = {64: 32, 128: 32, 256: 16}
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--n-particles", type=int, default=None,
                         help=f"particles timed per measurement (default per box: "
@@ -55,46 +57,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="project_gaussians_rfft splat oversampling")
     parser.add_argument("--only", nargs="+", default=["fwd", "fwd_bwd", "reconstruct"],
                         choices=["fwd", "fwd_bwd", "reconstruct"])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_threads_seed_args(parser)
     return parser
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-class PeakMemory:
-    """Peak memory of a measurement (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss_before = _max_rss_mib()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.text = f"peak_gpu={torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
-        else:
-            after = _max_rss_mib()
-            self.text = f"max_rss={after:.0f} MiB (+{after - self.rss_before:.0f})"
-
-
-def _random_ctf(n: int, generator: torch.Generator, device: torch.device) -> CTFParams:
-    defocus = 8000.0 + 12000.0 * torch.rand(n, generator=generator)
-    return CTFParams.from_values(
-        n, defocus_u_angstrom=defocus + 300.0, defocus_v_angstrom=defocus - 300.0,
-        defocus_angle_degrees=180.0 * torch.rand(n, generator=generator)).to(device)
 
 
 def _report(name: str, box: int, batch: int, n: int, seconds: float, memory: PeakMemory,
@@ -114,7 +78,7 @@ def bench_gaussians(args, box: int, n: int, batch: int, device: torch.device,
     n_batches = math.ceil(n / batch)
     rotations = random_rotations(batch * (n_batches + 1), generator=g).to(device)
     shifts = (torch.rand(batch, 2, generator=g) * 4.0 - 2.0).to(device)
-    ctf = ctf_2d_rfft(_random_ctf(batch, g, device), box, args.pixel_size)
+    ctf = ctf_2d_rfft(random_ctf(batch, g).to(device), box, args.pixel_size)
     target = torch.randn(batch, box, box // 2 + 1, dtype=torch.complex64, generator=g).to(device)
     if backward:
         positions.requires_grad_(True)
@@ -132,12 +96,12 @@ def bench_gaussians(args, box: int, n: int, batch: int, device: torch.device,
     name = "gauss_proj fwd+bwd" if backward else "gauss_proj fwd"
     with torch.set_grad_enabled(backward):
         step(n_batches)  # warm-up, excluded
-        _sync(device)
+        sync(device)
         with PeakMemory(device) as memory:
             start = time.perf_counter()
             for i in range(n_batches):
                 step(i)
-            _sync(device)
+            sync(device)
             seconds = time.perf_counter() - start
     _report(name, box, batch, n_batches * batch, seconds, memory,
             f"  n_gaussians={args.n_gaussians}")
@@ -149,45 +113,29 @@ def bench_reconstruction(args, box: int, n: int, batch: int, device: torch.devic
     images = torch.randn(batch, box, box, generator=g).to(device)
     rotations = random_rotations(batch * (n_batches + 1), generator=g).to(device)
     shifts = (torch.rand(batch, 2, generator=g) * 4.0 - 2.0).to(device)
-    ctf = _random_ctf(batch, g, device)
+    ctf = random_ctf(batch, g).to(device)
     with PeakMemory(device) as memory:
         acc = FourierAccumulator(box, args.pixel_size, device=device)
         acc.add(images, rotations[-batch:], shifts, ctf)  # warm-up, excluded
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for i in range(n_batches):
             acc.add(images, rotations[i * batch:(i + 1) * batch], shifts, ctf)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     _report("reconstruct add", box, batch, n_batches * batch, seconds, memory,
             f"  (pad 2: two {acc.padded_size}^2x{acc.padded_size // 2 + 1} volumes)")
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         acc.reconstruct()
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     print(f"{'reconstruct()':<22} box={box:<4d} time={seconds:8.3f} s  {memory.text}", flush=True)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"# torch {torch.__version__}, device {device} ({name}), "
-          f"threads {torch.get_num_threads()}, python {platform.python_version()}", flush=True)
+    device = setup_device(args)
+    print_header(device, f"python {platform.python_version()}")
     for box in sorted(args.boxes):
         n = args.n_particles or DEFAULT_PARTICLES.get(box, 256)
         batch = min(args.batch_size or DEFAULT_BATCH.get(box, 32), n)

@@ -1,0 +1,112 @@
+"""Helpers shared by the benchmark scripts in this folder (not a benchmark itself).
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and, on CPU, the process's maximum
+resident set size from ``getrusage``: a high-water mark over the whole run, so a measurement
+can only report how much it *raised* it (the ``+N`` in :class:`PeakMemory`'s text).
+
+The scripts put the repository root and this folder on ``sys.path`` and ``import _common``, so
+``python benchmarks/bench_X.py`` works from anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+from pathlib import Path
+
+import torch
+
+from dynamight_core.particles import CTFParams
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda`` (default cpu)."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+
+def add_threads_seed_args(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` (``torch.set_num_threads``; default: torch's) and ``--seed`` (default 0)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """The ``--device`` (exit if CUDA is asked for and absent); applies ``--threads``."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_header(device: torch.device, *extra: str) -> None:
+    """``# torch V, device D (name), threads N[, extra...]``: the first line of every script."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(", ".join([f"# torch {torch.__version__}", f"device {device} ({name})",
+                     f"threads {torch.get_num_threads()}", *extra]), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work (no-op on CPU), so wall-clock timings are complete."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_rss_mib() -> float:
+    """The process's maximum resident set size so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_mib(device: torch.device) -> float:
+    """Peak memory so far, MiB: allocated GPU memory on CUDA, maximum RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return max_rss_mib()
+
+
+class PeakMemory:
+    """Peak memory of the code in a ``with`` block; ``.text`` is set on exit.
+
+    On CUDA the cache is emptied and the peak statistics reset on entry, and ``.text`` is
+    ``peak_gpu=N MiB``; on CPU it is ``max_rss=N MiB (+M)``, M being how much the block raised
+    the process's high-water mark.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.text = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_before = max_rss_mib()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.text = f"peak_gpu={peak_mib(self.device):.0f} MiB"
+        else:
+            after = max_rss_mib()
+            self.text = f"max_rss={after:.0f} MiB (+{after - self.rss_before:.0f})"
+
+
+def random_ctf(n: int, generator: torch.Generator) -> CTFParams:
+    """``n`` CTFs on CPU: defocus uniform in 8000–20000 Å, ±300 Å astigmatism, random angle."""
+    defocus = 8000.0 + 12000.0 * torch.rand(n, generator=generator)
+    return CTFParams.from_values(
+        n, defocus_u_angstrom=defocus + 300.0, defocus_v_angstrom=defocus - 300.0,
+        defocus_angle_degrees=180.0 * torch.rand(n, generator=generator))
