@@ -6,9 +6,8 @@ SNR 0.1); a Gaussian model with ``--n-gaussians`` Gaussians is placed in its con
 half-set trainer runs one warm-up epoch (not timed) and then ``--epochs`` joint epochs (encoder,
 decoder, regularisation, backward, Adam) that are timed. One line per box: particles/s (particle
 updates per second, the number the reference's 18–20 particles/s at box 64 compares with),
-seconds per epoch, and the time split between the decoder, projection and the rest measured with
-the torch profiler off (wall clock around the stages of one extra instrumented epoch). Peak
-memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's maximum RSS on CPU.
+seconds per epoch and CPU seconds per particle, with the decoder in ``--decoder-precision``
+(auto: bfloat16 where the hardware computes it natively, as the command does). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's maximum RSS on CPU.
 
 Example::
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 from _common import (  # noqa: E402
     add_device_arg, add_threads_seed_args, peak_mib, print_header, setup_device, sync)
 from dynamight_core.deformation_model import make_batch  # noqa: E402
+from dynamight_core.device import DECODER_PRECISIONS, resolve_decoder_precision  # noqa: E402
 from dynamight_core.gaussian_model import init_gaussians_from_map  # noqa: E402
 from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig  # noqa: E402
 from dynamight_core.particles import ParticleSet, TensorImageSource  # noqa: E402
@@ -50,6 +50,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=100,
                         help="optimize-deformations' default is 100")
     parser.add_argument("--epochs", type=int, default=1, help="timed joint epochs")
+    parser.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default="auto",
+                        help="as optimize-deformations (auto: bfloat16 where native)")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="Å (default: 192 Å / box, the same molecule at every box)")
     add_threads_seed_args(parser)
@@ -81,7 +83,9 @@ def run_box(box: int, args, device: torch.device) -> dict:
     gaussians, _ = init_gaussians_from_map(volume, pixel_size, args.n_gaussians, None, 1,
                                            torch.Generator().manual_seed(args.seed))
     config = TrainerConfig(box_size=box, pixel_size=pixel_size,
-                           n_gaussians=gaussians.n_gaussians, n_warmup_epochs=1, seed=args.seed)
+                           n_gaussians=gaussians.n_gaussians, n_warmup_epochs=1, seed=args.seed,
+                           decoder_precision=resolve_decoder_precision(args.decoder_precision,
+                                                                       device))
     trainer = HalfSetTrainer(1, config, gaussians, np.arange(len(particles)), device)
     trainer.initialise_noise(_batches(particles, np.arange(min(512, len(particles))),
                                       args.batch_size, device))
@@ -104,7 +108,9 @@ def run_box(box: int, args, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
     device = setup_device(args)
-    print_header(device, f"batch {args.batch_size}", f"{args.n_particles} particles")
+    precision = resolve_decoder_precision(args.decoder_precision, device)
+    print_header(device, f"batch {args.batch_size}", f"{args.n_particles} particles",
+                 f"decoder {precision}")
     print("box  Å/px  gaussians  particles  s/epoch  particles/s  cpu-s/particle  peak MiB")
     for box in args.boxes:
         r = run_box(box, args, device)

@@ -111,6 +111,7 @@ class DeformationModel(nn.Module):
         self.decoder = decoder
         self.box_size = int(box_size)
         self.pixel_size = float(pixel_size)
+        self.decoder_dtype = torch.float32
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu (b, d)``, ``logvar (b, d)`` of a batch. The encoder sees each image centred
@@ -124,8 +125,14 @@ class DeformationModel(nn.Module):
             self.encoder.box_size))
 
     def displacements(self, z: torch.Tensor) -> torch.Tensor:  # (b, n_g, 3) Å
-        """Displacement of every consensus Gaussian for latent codes ``z (b, d)``."""
-        return self.decoder(self.gaussians.positions.detach(), z)
+        """Displacement of every consensus Gaussian for latent codes ``z (b, d)``; computed in
+        ``decoder_dtype`` (bfloat16 autocast: weights, gradients and the result stay float32)."""
+        positions = self.gaussians.positions.detach()
+        if self.decoder_dtype == torch.float32:
+            return self.decoder(positions, z)
+        with torch.autocast(device_type=z.device.type, dtype=self.decoder_dtype):
+            displacements = self.decoder(positions, z)
+        return displacements.float()
 
     def render(
         self,

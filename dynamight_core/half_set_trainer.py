@@ -80,6 +80,7 @@ class TrainerConfig:
     learning_rate: float = 1e-3
     gaussian_learning_rate: float = 1e-2
     repulsion_distance: float = 0.0  # Å; 0 = half the mean neighbour distance of the start
+    decoder_precision: str = "float32"  # or "bfloat16" (autocast; see device.py)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -109,6 +110,8 @@ class HalfSetTrainer:
         self.initial_positions = gaussians.positions.detach().clone().to(self.device)
         self.model = DeformationModel(gaussians, encoder, decoder, c.box_size,
                                       c.pixel_size).to(self.device)
+        self.model.decoder_dtype = {"float32": torch.float32,
+                                    "bfloat16": torch.bfloat16}[c.decoder_precision]
         if c.repulsion_distance <= 0:
             c.repulsion_distance = 0.5 * mean_neighbour_distance(gaussians.positions)
         g = self.model.gaussians

@@ -118,3 +118,20 @@ def test_resumed_training_matches_uninterrupted(dataset, tmp_path):
         for h in (1, 2):
             for key in ("data", "mse", "kl", "reg", "regularization_weight"):
                 assert b[h][key] == pytest.approx(a[h][key], rel=1e-5, abs=1e-8), (h, key)
+
+
+def test_bfloat16_decoder_gives_float32_displacements_within_a_percent(dataset):
+    trainer = make_trainers(dataset, torch.zeros(N_PARTICLES, dtype=torch.bool))[1]
+    decoder = trainer.model.decoder
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a decoder that moves things (a fresh one returns exact zeros)
+        for p in decoder.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    z = torch.randn(8, decoder.latent_dim, generator=g)
+    with torch.no_grad():
+        exact = trainer.model.displacements(z)
+        trainer.model.decoder_dtype = torch.bfloat16
+        fast = trainer.model.displacements(z)
+    assert fast.dtype == torch.float32
+    rel = (fast - exact).norm() / exact.norm()
+    assert 0 < rel < 0.01, float(rel)

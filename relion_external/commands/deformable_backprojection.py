@@ -133,7 +133,7 @@ def main(args, control) -> None:
     res = write_fsc(folder / "fsc", curves, box, pixel_size, "deformed half maps")
     for key, value in res.items():
         logger.info("resolution (FSC 0.143, %s): %.2f Å", key, value)
-    if args.pipeline_control:  # RELION-5's DynaMight job: the half maps are its output nodes
+    if getattr(args, "pipeline_control", None):  # RELION-5's DynaMight job: the half maps are its output nodes
         write_output_nodes(args.pipeline_control, [
             OutputNode(node_name(out, f"backprojection/map_half{h}.mrc"), DYNAMIGHT_HALF_MAP)
             for h in (1, 2)])

@@ -36,7 +36,8 @@ import torch
 from dynamight_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
 from dynamight_core.early_stopping import EarlyStopping
-from dynamight_core.device import choose_device
+from dynamight_core.device import (
+    DECODER_PRECISIONS, choose_device, resolve_decoder_precision)
 from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_from_map
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
@@ -80,6 +81,9 @@ def add_args(p) -> None:
                    help="an epoch improves when it beats the best held-out residual by more "
                         "than this fraction of the total improvement so far")
     p.add_argument("--n-threads", type=int, default=4)
+    p.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default="auto",
+                   help="arithmetic of the deformation decoder (the costliest part): auto = "
+                        "bfloat16 where the GPU/CPU computes it natively, else float32")
     p.add_argument("--preload-images", action="store_true", help="read all images into RAM")
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -145,7 +149,8 @@ def _new_run(args, particles, device):
             n_warmup_epochs=args.n_warmup_epochs,
             regularization_factor=args.regularization_factor, beta=args.beta,
             consensus_update_interval=args.consensus_update_interval,
-            learning_rate=args.learning_rate, seed=args.seed)
+            learning_rate=args.learning_rate, seed=args.seed,
+            decoder_precision=resolve_decoder_precision(args.decoder_precision, device))
         train = np.flatnonzero((particles.half_set.numpy() == half) & ~validation.numpy())
         trainer = HalfSetTrainer(half, config, gaussians, train, device, movable)
         trainer.initialise_noise(_batches(particles, train[:512], args.batch_size, device,
@@ -177,7 +182,7 @@ _CHECKPOINT_SETTINGS = (
     "n_gaussian_widths", "n_latent_dimensions", "n_positional_encoding_dimensions",
     "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
     "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
-    "n_map_fit_steps", "beta", "learning_rate")
+    "n_map_fit_steps", "beta", "learning_rate", "decoder_precision")
 
 
 def _warn_about_changed_settings(args, saved: dict, path) -> None:
@@ -245,8 +250,9 @@ def main(args, control) -> None:
         trainers, validation, epoch = _new_run(args, particles, device)
     (fwd / "checkpoints").mkdir(parents=True, exist_ok=True)
     n_train = sum(t.train_indices.shape[0] for t in trainers.values())
-    logger.info("training on %s: %d + %d particles, %d held out for validation, epochs %d..%d",
-                device, trainers[1].train_indices.shape[0], trainers[2].train_indices.shape[0],
+    logger.info("training on %s (decoder in %s): %d + %d particles, %d held out for validation, "
+                "epochs %d..%d", device, trainers[1].config.decoder_precision,
+                trainers[1].train_indices.shape[0], trainers[2].train_indices.shape[0],
                 int(validation.sum()), epoch + 1, args.n_epochs)
     t_start = time.time()
     first_epoch = epoch
