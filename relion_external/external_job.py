@@ -83,15 +83,29 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commands import (
-    deformable_backprojection,
-    optimize_deformations,
-    optimize_inverse_deformations,
-)
 from .errors import InputError
+from .external_job_args import (
+    PROG,
+    STAGE_COMMANDS,
+    STAGE_MODULES,
+    STAGES,
+    JobOptions,
+    Parameter,
+    UsageError,
+    build_parser,
+    parameters,
+    parse_job_options,
+    stage_namespace,
+)
+from .external_job_stages import (
+    STAGE_OUTPUTS,
+    has_earlier_results,
+    incomplete_marker,
+    plan_stages,
+    stage_finished,
+)
 from .job_protocol import JobAborted, PipelineControl, job_is_continue
 from .output_nodes import (
     HALF_MAP,
@@ -104,337 +118,15 @@ from .output_nodes import (
 
 logger = logging.getLogger(__name__)
 
-PROG = "relion_dynamight_external"
-STAGES = ("forward", "inverse", "backprojection")
-STAGE_MODULES = {
-    "forward": optimize_deformations,
-    "inverse": optimize_inverse_deformations,
-    "backprojection": deformable_backprojection,
-}
-STAGE_COMMANDS = {
-    "forward": "optimize-deformations",
-    "inverse": "optimize-inverse-deformations",
-    "backprojection": "deformable-backprojection",
-}
-# a stage's outputs (relative to the job folder): present and no incomplete-marker = finished
-STAGE_OUTPUTS = {
-    "forward": ("forward_deformations/checkpoints/checkpoint_final.pth", "particles.star"),
-    "inverse": ("inverse_deformations/inv_chkpt.pth",),
-    "backprojection": ("backprojection/map_half1.mrc", "backprojection/map_half2.mrc"),
-}
-_PREFIX = {"forward": "", "inverse": "inverse_", "backprojection": "backprojection_"}
-# stage options the job sets from RELION's own arguments: never parameters
-_FROM_RELION = {"output_directory", "refinement_star_file", "initial_model", "n_threads",
-                "pipeline_control", "checkpoint_file", "help"}
-_FROM_RELION_STAGE = {("backprojection", "mask_file")}  # from --in_mask
-SHARED = ("gpu_id", "preload_images")  # one parameter for every stage that has the option
-# short names of the later stages' main options: label -> (stage, option dest)
-ALIASES = {
-    "n_inverse_epochs": ("inverse", "n_epochs"),
-    "save_deformations": ("inverse", "save_deformations"),
-    "backprojection_batch_size": ("backprojection", "batch_size"),
-}
-_ALIAS_IS_FLAG = {"save_deformations": True}
-_YES = {"yes", "y", "true", "t", "1", "on"}
-_NO = {"no", "n", "false", "f", "0", "off"}
-
-
-class UsageError(Exception):
-    """Bad arguments or parameters of the External job (no traceback is printed for these)."""
+# ``--help``: this docstring up to the continue/abort details
+HELP_DESCRIPTION = (__doc__ or "").split("\nContinue.")[0].strip()
 
 
 class JobTerminated(Exception):
     """SIGTERM arrived (scancel, a queue's time limit)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that raises :class:`UsageError` instead of exiting."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-# -- parameters -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Parameter:
-    """One Params-tab label and the stage options it sets."""
-
-    label: str
-    targets: tuple[tuple[str, str], ...]  # (stage, option dest)
-    flag: bool
-    help: str = ""
-
-
-def stage_actions(stage: str) -> dict[str, argparse.Action]:
-    """The argparse actions of a stage command, by dest."""
-    parser = _Parser(add_help=False)
-    STAGE_MODULES[stage].add_args(parser)
-    return {a.dest: a for a in parser._actions}
-
-
-def _is_flag(action: argparse.Action) -> bool:
-    return action.nargs == 0
-
-
-def parameters() -> dict[str, Parameter]:
-    """Every parameter label the job accepts (from the stage commands' options)."""
-    actions = {stage: stage_actions(stage) for stage in STAGES}
-    table: dict[str, Parameter] = {}
-    for stage in STAGES:
-        for dest, action in actions[stage].items():
-            if (not action.option_strings or dest in _FROM_RELION or dest in SHARED
-                    or (stage, dest) in _FROM_RELION_STAGE):
-                continue
-            label = _PREFIX[stage] + dest
-            table[label] = Parameter(label, ((stage, dest),), _is_flag(action),
-                                     f"{STAGE_COMMANDS[stage]} {action.option_strings[0]}"
-                                     + (f": {action.help}" if action.help else ""))
-    for dest in SHARED:
-        targets = tuple((s, dest) for s in STAGES if dest in actions[s])
-        flag = (_is_flag(actions[targets[0][0]][dest]) if targets
-                else dest == "preload_images")
-        table[dest] = Parameter(dest, targets, flag,
-                                "every stage that has --" + dest.replace("_", "-"))
-    for label, (stage, dest) in ALIASES.items():
-        action = actions[stage].get(dest)
-        flag = _is_flag(action) if action is not None else _ALIAS_IS_FLAG.get(label, False)
-        table[label] = Parameter(label, ((stage, dest),), flag,
-                                 f"{STAGE_COMMANDS[stage]} --{dest.replace('_', '-')}")
-    return table
-
-
-# -- the External job's command line ----------------------------------------------------------
-@dataclass
-class JobOptions:
-    """What RELION passed, parsed."""
-
-    job_dir: str  # as given (``External/job012/``): node names are built from it
-    in_parts: str | None
-    in_3dref: str | None
-    in_mask: str | None
-    threads: int
-    stages: tuple[str, ...]
-    redo: frozenset[str]
-    values: dict[str, str | bool] = field(default_factory=dict)  # label -> value
-    defaulted: tuple[str, ...] = ()  # labels given without a value (stage default kept)
-
-
-def build_parser(params: dict[str, Parameter] | None = None) -> _Parser:
-    params = parameters() if params is None else params
-    doc = (__doc__ or "").split("\nContinue.")[0].strip()
-    parser = _Parser(prog=PROG, description=doc, allow_abbrev=False,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    relion = parser.add_argument_group("arguments RELION's External job passes")
-    relion.add_argument("--o", dest="job_dir", required=True, metavar="JOB_DIR",
-                        help="the job folder (output directory of every stage)")
-    relion.add_argument("--in_parts", default=None, metavar="STAR",
-                        help="particles STAR of a consensus refinement")
-    relion.add_argument("--in_3dref", "--in_3Dref", dest="in_3dref", default=None,
-                        metavar="MRC", help="consensus map")
-    relion.add_argument("--in_mask", default=None, metavar="MRC",
-                        help="mask for the deformed backprojection")
-    for name in ("--in_movies", "--in_mics", "--in_coords"):
-        relion.add_argument(name, default=None, help=argparse.SUPPRESS)
-    relion.add_argument("--j", dest="threads", type=int, default=1, metavar="N",
-                        help="CPU threads")
-    relion.add_argument("--pipeline_control", "--pipeline-control", dest="pipeline_control",
-                        default=None, metavar="DIR",
-                        help="ignored (RELION adds it for programs with relion_ in their path)")
-    ours = parser.add_argument_group(
-        "DynaMight parameters (--<label> <value> from the Params tab; a bare --<label> is Yes "
-        "for flags)")
-    ours.add_argument("--stages", nargs="?", const="", default=None,
-                      help=f"comma list, consecutive, out of {','.join(STAGES)} (default: all)")
-    ours.add_argument("--redo", nargs="?", const="", default=None,
-                      help="stages to run again although they finished")
-    for label, param in sorted(params.items()):
-        names = [f"--{label}"]
-        if "_" in label:
-            names.append(f"--{label.replace('_', '-')}")
-        ours.add_argument(*names, dest=f"param__{label}", nargs="?", const="", default=None,
-                          metavar="YES/NO" if param.flag else "VALUE", help=param.help)
-    return parser
-
-
-def _stage_list(text: str | None, what: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    if text is None or not text.strip():
-        return default
-    names = {**{s: s for s in STAGES}, **{c: s for s, c in STAGE_COMMANDS.items()}}
-    chosen = []
-    for item in text.replace(" ", ",").split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        if item not in names:
-            raise UsageError(f"--{what} {text!r}: unknown stage {item!r} "
-                             f"(stages: {', '.join(STAGES)})")
-        chosen.append(names[item])
-    return tuple(s for s in STAGES if s in chosen)
-
-
-def _flag_value(label: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value == "" or value in _YES:
-        return True
-    if value in _NO:
-        return False
-    raise UsageError(f"--{label} {text!r}: a flag takes Yes or No (or no value, meaning Yes)")
-
-
-def parse_job_options(argv: Sequence[str],
-                      params: dict[str, Parameter] | None = None) -> JobOptions:
-    """Parse RELION's command line; :class:`UsageError` for anything unknown or malformed."""
-    params = parameters() if params is None else params
-    parser = build_parser(params)
-    args, unknown = parser.parse_known_args(list(argv))
-    if unknown:
-        raise UsageError(
-            f"unknown argument(s): {' '.join(unknown)}. Parameter labels are the option names "
-            f"of relion_dynamight's commands with underscores (n_gaussians, n_epochs, ...); "
-            f"known labels: stages, redo, {', '.join(sorted(params))}")
-    for name in ("in_movies", "in_mics", "in_coords"):
-        if getattr(args, name):
-            raise UsageError(f"--{name} {getattr(args, name)}: DynaMight does not use "
-                             f"{name[3:]}; leave that field of the Input tab empty")
-    if args.threads < 1:
-        raise UsageError(f"--j {args.threads}: needs at least 1 thread")
-    stages = _stage_list(args.stages, "stages", STAGES)
-    if not stages:
-        raise UsageError("--stages: no stage given")
-    index = [STAGES.index(s) for s in stages]
-    if index != list(range(index[0], index[-1] + 1)):
-        raise UsageError(f"--stages {args.stages}: the stages must follow each other "
-                         f"({' -> '.join(STAGES)}); {', '.join(stages)} leaves a gap")
-    redo = frozenset(_stage_list(args.redo, "redo", ()))
-    values: dict[str, str | bool] = {}
-    defaulted = []
-    for label, param in params.items():
-        text = getattr(args, f"param__{label}")
-        if text is None:
-            continue
-        if param.flag:
-            values[label] = _flag_value(label, text)
-        elif text.strip() == "":
-            defaulted.append(label)
-        else:
-            values[label] = text.strip()
-    return JobOptions(job_dir=args.job_dir, in_parts=args.in_parts or None,
-                      in_3dref=args.in_3dref or None, in_mask=args.in_mask or None,
-                      threads=args.threads, stages=stages, redo=redo, values=values,
-                      defaulted=tuple(defaulted))
-
-
-def stage_namespace(stage: str, job: JobOptions,
-                    params: dict[str, Parameter] | None = None) -> argparse.Namespace:
-    """The argparse Namespace of one stage command for this job (its ``add_args`` defaults plus
-    what RELION passed and the parameters aimed at this stage)."""
-    params = parameters() if params is None else params
-    command = STAGE_COMMANDS[stage]
-    parser = _Parser(prog=f"relion_dynamight {command}", add_help=False)
-    STAGE_MODULES[stage].add_args(parser)
-    actions = {a.dest: a for a in parser._actions}
-    values: dict[str, object] = {"output_directory": job.job_dir}
-    if stage == "forward":
-        if not job.in_parts:
-            raise UsageError("no input particles (--in_parts): select the consensus "
-                             "refinement's particles on the Input tab")
-        values["refinement_star_file"] = job.in_parts
-        if job.in_3dref:
-            values["initial_model"] = job.in_3dref
-    if "n_threads" in actions:
-        values["n_threads"] = job.threads
-    if stage == "backprojection" and job.in_mask:
-        if "mask_file" in actions:
-            values["mask_file"] = job.in_mask
-        else:
-            logger.warning("%s has no --mask-file: --in_mask %s not used", command, job.in_mask)
-    for label, value in job.values.items():
-        for target_stage, dest in params[label].targets:
-            if target_stage != stage:
-                continue
-            if dest not in actions:
-                raise UsageError(f"--{label}: relion_dynamight {command} has no option "
-                                 f"--{dest.replace('_', '-')}")
-            values[dest] = value
-    positionals: list[str] = []
-    options: list[str] = []
-    for dest, value in values.items():
-        action = actions.get(dest)
-        if action is None:
-            raise UsageError(f"relion_dynamight {command} has no option for {dest}")
-        if not action.option_strings:
-            positionals.append(str(value))
-        elif _is_flag(action):
-            if value:
-                options.append(action.option_strings[0])
-        else:
-            options += [action.option_strings[0], str(value)]
-    try:
-        return parser.parse_args(positionals + options)
-    except UsageError as err:
-        raise UsageError(f"relion_dynamight {command} {' '.join(positionals + options)}: "
-                         f"{err}") from None
-
-
-# -- stages: finished, planned, run -----------------------------------------------------------
-def incomplete_marker(job_dir: str | Path, stage: str) -> Path:
-    """Present while a stage runs and after it was interrupted."""
-    return Path(job_dir) / f".dynamight_{stage}_incomplete"
-
-
-def stage_finished(job_dir: str | Path, stage: str) -> tuple[bool, str]:
-    """``(finished, why)`` from the stage's outputs and its incomplete-marker."""
-    job_dir = Path(job_dir)
-    missing = [name for name in STAGE_OUTPUTS[stage] if not (job_dir / name).is_file()]
-    if missing:
-        return False, f"no {missing[0]}"
-    if incomplete_marker(job_dir, stage).exists():
-        return False, "an earlier run of this stage did not complete"
-    return True, ", ".join(STAGE_OUTPUTS[stage]) + " present"
-
-
-def _has_results(job_dir: Path) -> bool:
-    checkpoints = job_dir / "forward_deformations" / "checkpoints"
-    return ((checkpoints.is_dir() and any(checkpoints.glob("*.pth")))
-            or any((job_dir / name).exists() for outputs in STAGE_OUTPUTS.values()
-                   for name in outputs))
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    stage: str
-    run: bool
-    reason: str
-
-
-def plan_stages(job_dir: str | Path, stages: Sequence[str],
-                redo: frozenset[str] = frozenset()) -> list[PlannedStage]:
-    """Which of ``stages`` run and why; the stages before them must have finished."""
-    for earlier in STAGES[:STAGES.index(stages[0])]:
-        finished, why = stage_finished(job_dir, earlier)
-        if not finished:
-            raise UsageError(f"--stages {','.join(stages)}: the {earlier} stage "
-                             f"({STAGE_COMMANDS[earlier]}) has not finished in {job_dir} "
-                             f"({why}); add {earlier} to --stages")
-    plan, running = [], False
-    for stage in stages:
-        finished, why = stage_finished(job_dir, stage)
-        if running and finished:
-            plan.append(PlannedStage(stage, True, "finished earlier, but runs again: an earlier "
-                                     "stage runs in this job"))
-        elif running:
-            plan.append(PlannedStage(stage, True, why))
-        elif stage in redo:
-            plan.append(PlannedStage(stage, True, "redo asked for"
-                                     + ("" if finished else f" ({why})")))
-        elif finished:
-            plan.append(PlannedStage(stage, False, f"finished earlier ({why})"))
-        else:
-            plan.append(PlannedStage(stage, True, why))
-        running = running or plan[-1].run
-    return plan
-
-
+# -- running the stages --------------------------------------------------------------------
 def _run_stage(stage: str, args: argparse.Namespace, job_dir: Path,
                control: PipelineControl) -> None:
     marker = incomplete_marker(job_dir, stage)
@@ -473,7 +165,7 @@ def run_job(job: JobOptions, control: PipelineControl, params: dict[str, Paramet
     for label in job.defaulted:
         logger.info("parameter %s given without a value: the command's default is used", label)
     is_continue = job_is_continue(job_dir)
-    has_results = _has_results(job_dir)
+    has_results = has_earlier_results(job_dir)
     if is_continue and has_results:
         logger.info("continuing the job (_rlnJobIsContinue 1): finished stages are skipped, "
                     "an unfinished one resumes from its checkpoints")
@@ -530,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        build_parser().print_help()
+        build_parser(description=HELP_DESCRIPTION).print_help()
         return 0
     configure_logging()
     job_dir = _job_dir_from_argv(argv)

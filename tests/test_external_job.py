@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from relion_external import external_job as ej
+from relion_external import external_job_args as ja
+from relion_external import external_job_stages as js
 from relion_external.job_protocol import (
     ABORT_REQUEST,
     EXIT_FILES,
@@ -124,17 +126,17 @@ def test_node_names_are_relative_to_the_project_as_relion_gave_them():
 
 # -- command line ------------------------------------------------------------------------------
 def test_parses_the_command_line_relion31_builds():
-    job = ej.parse_job_options(RELION31_ARGV)
+    job = ja.parse_job_options(RELION31_ARGV)
     assert job.job_dir == "External/job006/"
     assert job.in_parts == "Import/job001/particles.star"
     assert job.in_3dref == "Simulated/consensus_map.mrc"
     assert job.threads == 3
-    assert job.stages == ej.STAGES
+    assert job.stages == ja.STAGES
     assert job.values == {"n_gaussians": "50", "preload_images": True}
 
 
 def test_accepts_relion_spelling_variants_and_yes_no_flags():
-    job = ej.parse_job_options(
+    job = ja.parse_job_options(
         ["--o", "J/", "--in_3Dref", "m.mrc", "--pipeline-control", "J/", "--preload_images",
          "No", "--n-gaussians", "7", "--gpu_id", "", "--stages", "forward, inverse"])
     assert job.in_3dref == "m.mrc"
@@ -154,14 +156,14 @@ def test_accepts_relion_spelling_variants_and_yes_no_flags():
     (["--in_parts", "p.star"], "--o"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message):
-    with pytest.raises(ej.UsageError, match=message):
-        ej.parse_job_options(argv)
+    with pytest.raises(ja.UsageError, match=message):
+        ja.parse_job_options(argv)
 
 
 def test_forward_arguments_come_from_relion_inputs():
-    job = ej.parse_job_options(RELION31_ARGV + ["--gpu_id", "0", "--regularization_factor",
+    job = ja.parse_job_options(RELION31_ARGV + ["--gpu_id", "0", "--regularization_factor",
                                                 "0.5", "--mask_file", "focus.mrc"])
-    args = ej.stage_namespace("forward", job)
+    args = ja.stage_namespace("forward", job)
     assert args.refinement_star_file == "Import/job001/particles.star"
     assert args.initial_model == "Simulated/consensus_map.mrc"
     assert args.output_directory == "External/job006/"
@@ -171,13 +173,13 @@ def test_forward_arguments_come_from_relion_inputs():
 
 
 def test_forward_needs_input_particles():
-    job = ej.parse_job_options(["--o", "J/", "--in_3dref", "m.mrc"])
-    with pytest.raises(ej.UsageError, match="no input particles"):
-        ej.stage_namespace("forward", job)
+    job = ja.parse_job_options(["--o", "J/", "--in_3dref", "m.mrc"])
+    with pytest.raises(ja.UsageError, match="no input particles"):
+        ja.stage_namespace("forward", job)
 
 
 def _has_options(stage: str, *dests: str) -> bool:
-    actions = ej.stage_actions(stage)
+    actions = ja.stage_actions(stage)
     return all(d in actions for d in dests)
 
 
@@ -185,14 +187,14 @@ def _has_options(stage: str, *dests: str) -> bool:
                          and _has_options("backprojection", "batch_size", "mask_file")),
                     reason="inverse / backprojection commands are still placeholders")
 def test_later_stage_arguments():
-    job = ej.parse_job_options(RELION31_ARGV + ["--n_inverse_epochs", "12", "--save_deformations",
+    job = ja.parse_job_options(RELION31_ARGV + ["--n_inverse_epochs", "12", "--save_deformations",
                                                 "--backprojection_batch_size", "9", "--in_mask",
                                                 "mask.mrc", "--gpu_id", "1"])
-    inverse = ej.stage_namespace("inverse", job)
+    inverse = ja.stage_namespace("inverse", job)
     assert inverse.output_directory == "External/job006/"
     assert inverse.n_epochs == 12 and inverse.save_deformations
     assert inverse.gpu_id == "1" and inverse.preload_images
-    back = ej.stage_namespace("backprojection", job)
+    back = ja.stage_namespace("backprojection", job)
     assert back.batch_size == 9 and back.mask_file == "mask.mrc" and back.gpu_id == "1"
 
 
@@ -222,7 +224,7 @@ class FakeStage:
         self.log.append(self.stage)
         control.finish("success")  # must be a no-op: the job is not finished yet
         out = Path(args.output_directory)
-        names = ej.STAGE_OUTPUTS[self.stage]
+        names = js.STAGE_OUTPUTS[self.stage]
         (out / names[0]).parent.mkdir(parents=True, exist_ok=True)
         (out / names[0]).write_text(self.stage)  # partial output first, as a checkpoint
         if self.abort:
@@ -240,9 +242,9 @@ class FakeStage:
 @pytest.fixture
 def fake_stages(monkeypatch):
     log: list[str] = []
-    fakes = {stage: FakeStage(stage, log) for stage in ej.STAGES}
+    fakes = {stage: FakeStage(stage, log) for stage in ja.STAGES}
     for stage, fake in fakes.items():
-        monkeypatch.setitem(ej.STAGE_MODULES, stage, fake)
+        monkeypatch.setitem(ja.STAGE_MODULES, stage, fake)
     fakes["log"] = log  # type: ignore[assignment]
     return fakes
 
@@ -275,8 +277,8 @@ def test_continue_skips_finished_stages_and_resumes_the_first_unfinished(
     assert exit_status(job) == "failure"
     assert not (job / "RELION_OUTPUT_NODES.star").exists()
     # the failed stage left a partial output: it must not pass for finished
-    assert (job / ej.STAGE_OUTPUTS["inverse"][0]).exists()
-    assert ej.stage_finished(job, "forward")[0] and not ej.stage_finished(job, "inverse")[0]
+    assert (job / js.STAGE_OUTPUTS["inverse"][0]).exists()
+    assert js.stage_finished(job, "forward")[0] and not js.stage_finished(job, "inverse")[0]
     err = capsys.readouterr().err
     assert "RuntimeError: inverse exploded" in err and "Traceback" in err
     assert "in stage inverse (optimize-inverse-deformations)" in err
@@ -305,7 +307,7 @@ def test_rerun_of_an_earlier_stage_invalidates_later_results(tmp_path, fake_stag
     fake_stages["log"].clear()
     assert _run(tmp_path, "--stages", "forward", "--redo", "forward") == 0
     assert fake_stages["log"] == ["forward"]
-    assert not ej.stage_finished(job, "inverse")[0]  # made from the old forward result
+    assert not js.stage_finished(job, "inverse")[0]  # made from the old forward result
     rows = read_output_nodes(job / "RELION_OUTPUT_NODES.star")
     assert [t for _, t, _ in rows] == [3]  # the stale half maps are not handed to RELION
     fake_stages["log"].clear()
@@ -338,7 +340,7 @@ def test_sigterm_fails_the_job(tmp_path, fake_stages, capsys):
     assert exit_status(job) == "failure"
     assert "JobTerminated" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
-    assert ej.stage_finished(job, "forward")[0] and not ej.stage_finished(job, "inverse")[0]
+    assert js.stage_finished(job, "forward")[0] and not js.stage_finished(job, "inverse")[0]
 
 
 def test_help_lists_the_parameters(capsys):
@@ -386,14 +388,14 @@ def test_job_templates_agree_and_use_known_parameters():
                 "other_args"} | {f"param{i}_{k}" for i in range(1, 11) for k in ("label", "value")}
     assert set(opts31) == expected
     assert opts31["fn_exe"] == "relion_dynamight_external" and opts31["do_queue"] == "No"
-    known = set(ej.parameters()) | {"stages", "redo"}
+    known = set(ja.parameters()) | {"stages", "redo"}
     labels = {opts31[f"param{i}_label"]: opts31[f"param{i}_value"] for i in range(1, 11)
               if opts31[f"param{i}_label"] != '""'}
     assert set(labels) <= known
     argv = ["--o", "J/"] + [a for k, v in labels.items() for a in (f"--{k}", v)]
-    job = ej.parse_job_options(argv)
-    assert job.stages == ej.STAGES
-    assert isinstance(ej.stage_namespace("forward", ej.parse_job_options(
+    job = ja.parse_job_options(argv)
+    assert job.stages == ja.STAGES
+    assert isinstance(ja.stage_namespace("forward", ja.parse_job_options(
         argv + ["--in_parts", "p.star"])), argparse.Namespace)
 
 

@@ -25,7 +25,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from relion_external import external_job as ej
+from relion_external import external_job_args as ja
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "job_templates"
 TEMPLATE_31 = TEMPLATES / "dynamight_external_relion31_job.star"
@@ -52,7 +52,7 @@ SMALL_OTHER_ARGS = "--n_map_fit_steps 20"
 
 
 def _full_pipeline_available() -> bool:
-    actions = {s: ej.stage_actions(s) for s in ("inverse", "backprojection")}
+    actions = {s: ja.stage_actions(s) for s in ("inverse", "backprojection")}
     return "n_epochs" in actions["inverse"] and "batch_size" in actions["backprojection"]
 
 
