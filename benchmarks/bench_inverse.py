@@ -45,14 +45,16 @@ from _common import (  # noqa: E402
 from dynamight_core.decoder import DeformationDecoder  # noqa: E402
 from dynamight_core.deformed_backprojection import choose_grid_size  # noqa: E402
 from dynamight_core.encoder import ImageEncoder  # noqa: E402
-from dynamight_core.inverse_deformation import (  # noqa: E402
+from dynamight_core.fixed_point_inverse import (  # noqa: E402
     FixedPointInverse,
+    fixed_point_inverse_map,
+)
+from dynamight_core.inverse_network import (  # noqa: E402
     InverseDeformationTrainer,
     InverseTrainerConfig,
-    fixed_point_inverse_map,
-    inversion_errors,
-    warp_volume_to_latent,
 )
+from dynamight_core.inversion_error import inversion_errors  # noqa: E402
+from dynamight_core.volume_warp import warp_volume_to_latent  # noqa: E402
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -7,14 +7,15 @@ centre at index ``N // 2``, rotations are RELION ``A`` matrices (:mod:`.rotation
 from ._version import __version__
 from .ctf import ctf_2d_rfft, electron_wavelength_angstrom
 from .deformed_backprojection import DeformedBackprojector
+from .fixed_point_inverse import FixedPointInverse
 from .fsc import fsc, resolution_at_threshold
 from .gaussian_projection import project_gaussians_rfft, render_gaussians_3d
-from .inverse_deformation import (
-    FixedPointInverse, InverseDeformationNetwork, warp_volume_to_latent)
+from .inverse_network import InverseDeformationNetwork
 from .map_projection import project_map, simulate_particle_images
 from .particles import CTFParams, ImageSource, ParticleSet, TensorImageSource
 from .reconstruction import FourierAccumulator
 from .rotation import euler_to_matrix, matrix_to_euler, random_rotations
+from .volume_warp import warp_volume_to_latent
 
 __all__ = [
     "CTFParams",

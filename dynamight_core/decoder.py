@@ -20,22 +20,15 @@ at all and get exactly zero displacement.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
-from einops import rearrange
-from torch import nn
 
-from dynamight_core.positional_encoding import (
-    encoding_dim,
-    normalise_positions,
-    positional_encoding,
-)
+from ._latent_mlp import LatentConditionedMLP
 
 logger = logging.getLogger(__name__)
 
 
-class DeformationDecoder(nn.Module):
+class DeformationDecoder(LatentConditionedMLP):
     """Maps consensus positions ``(n_g, 3)`` Å and latents ``(b, d)`` to displacements
     ``(b, n_g, 3)`` Å. A freshly built decoder returns exactly zero displacement.
 
@@ -54,44 +47,9 @@ class DeformationDecoder(nn.Module):
         n_freqs: int = 10,
         movable_mask: torch.Tensor | None = None,  # (n_g,) bool
     ) -> None:
-        super().__init__()
-        if latent_dim < 1 or n_neurons < 1 or n_linear_layers < 0 or n_freqs < 1:
-            raise ValueError("latent_dim, n_neurons, n_freqs must be >= 1, n_linear_layers >= 0")
-        self.box_size = int(box_size)
-        self.voxel_size = float(voxel_size)
-        self.latent_dim = int(latent_dim)
-        self.n_neurons = int(n_neurons)
-        self.n_linear_layers = int(n_linear_layers)
-        self.n_freqs = int(n_freqs)
-
-        self.position_layer = nn.Linear(encoding_dim(self.n_freqs), self.n_neurons)  # W_pos, b
-        self.latent_layer = nn.Linear(self.latent_dim, self.n_neurons, bias=False)  # W_z
-        self.hidden_layers = nn.ModuleList(
-            nn.Linear(self.n_neurons, self.n_neurons) for _ in range(self.n_linear_layers)
-        )
-        self.activation = nn.ELU()
-        self.output_layer = nn.Linear(self.n_neurons, 3)
-        nn.init.zeros_(self.output_layer.weight)
-        nn.init.zeros_(self.output_layer.bias)
+        super().__init__(box_size, voxel_size, latent_dim, n_neurons, n_linear_layers, n_freqs)
         self.register_buffer("movable_mask", None)
         self.set_movable_mask(movable_mask)
-
-    @property
-    def half_box_angstrom(self) -> float:
-        """Half the box length in Å: the unit of the network's inputs and outputs."""
-        return self.box_size * self.voxel_size / 2.0
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Plain constructor arguments (the movable mask travels in the state_dict)."""
-        return {
-            "box_size": self.box_size,
-            "voxel_size": self.voxel_size,
-            "latent_dim": self.latent_dim,
-            "n_neurons": self.n_neurons,
-            "n_linear_layers": self.n_linear_layers,
-            "n_freqs": self.n_freqs,
-        }
 
     def set_movable_mask(self, movable_mask: torch.Tensor | None) -> None:
         """Set (``(n_g,)`` bool) or clear (``None``) the mask of Gaussians allowed to move."""
@@ -114,21 +72,6 @@ class DeformationDecoder(nn.Module):
             self.set_movable_mask(state_dict[key].detach().clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-
-    def _mlp(
-        self,
-        positions_angstrom: torch.Tensor,  # (m, 3) Å
-        z: torch.Tensor,  # (b, d)
-    ) -> torch.Tensor:  # (b, m, 3) box-normalised displacement
-        x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
-        position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # (m, w)
-        latent_term = self.latent_layer(z)  # (b, w)
-        h = self.activation(
-            rearrange(position_term, "m w -> 1 m w") + rearrange(latent_term, "b w -> b 1 w")
-        )  # (b, m, w)
-        for layer in self.hidden_layers:
-            h = h + self.activation(layer(h))
-        return self.output_layer(h)
 
     def forward(
         self,

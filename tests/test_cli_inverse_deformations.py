@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynamight_core.inverse_deformation import load_inverse_checkpoint, networks_from_checkpoint
+from dynamight_core.inverse_checkpoint import load_inverse_checkpoint, networks_from_checkpoint
 from relion_external.cli import main
 
 

@@ -51,16 +51,14 @@ import torch
 
 from dynamight_core.deformed_backprojection import choose_grid_size
 from dynamight_core.device import choose_device
-from dynamight_core.inverse_deformation import (
+from dynamight_core.fixed_point_inverse import FixedPointInverse
+from dynamight_core.inverse_checkpoint import (
     METHODS,
-    ErrorSummary,
-    FixedPointInverse,
-    InverseDeformationTrainer,
-    InverseTrainerConfig,
-    inversion_errors,
     load_inverse_checkpoint,
     save_inverse_checkpoint,
 )
+from dynamight_core.inverse_network import InverseDeformationTrainer, InverseTrainerConfig
+from dynamight_core.inversion_error import ErrorSummary, inversion_errors
 
 from .._atomic import atomic_output
 from ..errors import InputError

@@ -1,0 +1,89 @@
+"""The network shared by the deformation decoder and the inverse deformation network.
+
+Positions ``xyz`` Å (box-normalised and positionally encoded) plus a latent code go through::
+
+    h0 = ELU(W_pos · PE(p / half_box) + W_z · z + b)            # first layer, split
+    h_{l+1} = h_l + ELU(W_l · h_l + b_l)                         # residual hidden layers
+    out = W_out · h_L + b_out                                    # W_out, b_out start at 0
+
+``out`` is box-normalised (multiply by :attr:`LatentConditionedMLP.half_box_angstrom` for Å).
+The ``W_pos·PE(p)`` and ``W_z·z`` terms are computed separately and broadcast-added, so the
+``(b, m, 6 n_freqs + d)`` concatenation is never built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .positional_encoding import encoding_dim, normalise_positions, positional_encoding
+
+
+class LatentConditionedMLP(nn.Module):
+    """Layers, configuration and trunk of the position + latent MLP (module docstring).
+    A freshly built network outputs exactly zero."""
+
+    def __init__(
+        self,
+        box_size: int,
+        voxel_size: float,
+        latent_dim: int,
+        n_neurons: int,
+        n_linear_layers: int,
+        n_freqs: int,
+    ) -> None:
+        super().__init__()
+        if latent_dim < 1 or n_neurons < 1 or n_linear_layers < 0 or n_freqs < 1:
+            raise ValueError("latent_dim, n_neurons, n_freqs must be >= 1, n_linear_layers >= 0")
+        self.box_size = int(box_size)
+        self.voxel_size = float(voxel_size)
+        self.latent_dim = int(latent_dim)
+        self.n_neurons = int(n_neurons)
+        self.n_linear_layers = int(n_linear_layers)
+        self.n_freqs = int(n_freqs)
+
+        self.position_layer = nn.Linear(encoding_dim(self.n_freqs), self.n_neurons)  # W_pos, b
+        self.latent_layer = nn.Linear(self.latent_dim, self.n_neurons, bias=False)  # W_z
+        self.hidden_layers = nn.ModuleList(
+            nn.Linear(self.n_neurons, self.n_neurons) for _ in range(self.n_linear_layers)
+        )
+        self.activation = nn.ELU()
+        self.output_layer = nn.Linear(self.n_neurons, 3)
+        nn.init.zeros_(self.output_layer.weight)
+        nn.init.zeros_(self.output_layer.bias)
+
+    @property
+    def half_box_angstrom(self) -> float:
+        """Half the box length in Å: the unit of the network's inputs and outputs."""
+        return self.box_size * self.voxel_size / 2.0
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Plain constructor arguments."""
+        return {
+            "box_size": self.box_size,
+            "voxel_size": self.voxel_size,
+            "latent_dim": self.latent_dim,
+            "n_neurons": self.n_neurons,
+            "n_linear_layers": self.n_linear_layers,
+            "n_freqs": self.n_freqs,
+        }
+
+    def _mlp(
+        self,
+        positions_angstrom: torch.Tensor,  # (m, 3) shared or (b, m, 3) per latent, Å
+        z: torch.Tensor,  # (b, d)
+    ) -> torch.Tensor:  # (b, m, 3) box-normalised
+        x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
+        position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # ([b,] m, w)
+        latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
+        h = self.activation(position_term + latent_term)  # (b, m, w)
+        for layer in self.hidden_layers:
+            h = h + self.activation(layer(h))
+        return self.output_layer(h)
+
+
+__all__ = ["LatentConditionedMLP"]
