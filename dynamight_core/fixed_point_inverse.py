@@ -45,16 +45,14 @@ def inverse_displacement_grid(
     pixel_size: float,
     *,
     grid_size: int,
-    min_weight_fraction: float = 0.1,
 ) -> torch.Tensor:  # (b, 3, g, g, g) Å, channels xyz, nodes [z, y, x]
     """Coarse field of ``−δ_j`` at the deformed positions ``y_j = c_j + δ_j`` of each particle:
     a first-order inverse read at ``y``. Per particle it is
     ``displacement_grid_from_gaussians(c + δ_p, −δ_p[None], ...)`` (same splatting and
-    weight floor, ``min_weight_fraction`` × the median weight of the particle's occupied nodes);
-    computed for the whole batch at once."""
+    weight floor); computed for the whole batch at once."""
     return displacement_grid_from_gaussians(
         consensus[None] + displacements, -displacements, box_size, pixel_size,
-        grid_size=grid_size, min_weight_fraction=min_weight_fraction)
+        grid_size=grid_size)
 
 
 class FixedPointInverse:
@@ -77,22 +75,21 @@ class FixedPointInverse:
         n_iterations: int = 5,
         tolerance_angstrom: float = 1e-2,
         initial_guess: bool = True,
-        min_weight_fraction: float = 0.5,
     ) -> None:
         self.box_size = int(box_size)
         self.pixel_size = float(pixel_size)
-        # half a grid spacing (Å): see __call__
+        # the forward field exactly as the deformed backprojection builds it (same grid and
+        # weight floor), so this is the inverse of the map it applies; half a grid spacing (Å):
+        # see __call__
         self.trust_radius = 0.5 * (box_size - 1) * pixel_size / (grid_size - 1)
         self.n_iterations = int(n_iterations)
         self.tolerance = float(tolerance_angstrom)
         self.forward_grid = displacement_grid_from_gaussians(
-            consensus, displacements, box_size, pixel_size, grid_size=grid_size,
-            min_weight_fraction=min_weight_fraction)
+            consensus, displacements, box_size, pixel_size, grid_size=grid_size)
         self.inverse_grid = None
         if initial_guess:
             self.inverse_grid = inverse_displacement_grid(
-                consensus, displacements, box_size, pixel_size, grid_size=grid_size,
-                min_weight_fraction=min_weight_fraction)
+                consensus, displacements, box_size, pixel_size, grid_size=grid_size)
         self.iterations_used = 0  # of the last call
         self.last_update_angstrom = 0.0  # largest residual of the last iteration of the last call
 
