@@ -29,37 +29,35 @@ def slice_coordinates_rfft(box_size: int, padded_size: int, rotations: torch.Ten
 
 
 def insert_slices_rfft_3d(
-    data: torch.Tensor,  # (p, p, p//2+1) complex accumulator, updated in place
+    data: torch.Tensor | None,  # (p, p, p//2+1) complex accumulator, updated in place
     weight: torch.Tensor,  # (p, p, p//2+1) real accumulator, updated in place
-    values: torch.Tensor,  # (b, m) complex samples
+    values: torch.Tensor | None,  # (b, m) complex samples
     weights: torch.Tensor,  # (b, m) real samples (e.g. CTF²)
     coords: torch.Tensor,  # (b, m, 3) xyz in padded voxels
 ) -> None:
-    """Add ``values`` and ``weights`` at ``coords`` with trilinear weights (Friedel-aware)."""
-    p = data.shape[0]
+    """Add ``values`` and ``weights`` at ``coords`` with trilinear weights (Friedel-aware).
+    ``data`` and ``values`` may both be None to accumulate the weights alone."""
+    p, nx = weight.shape[0], weight.shape[2]
     flip = coords[..., 0] < 0
-    coords = torch.where(flip[..., None], -coords, coords)
-    values = torch.where(flip, values.conj(), values)
-    coords, values, weights = coords.reshape(-1, 3), values.reshape(-1), weights.reshape(-1)
+    coords = torch.where(flip[..., None], -coords, coords).reshape(-1, 3)
+    weights = weights.reshape(-1)
+    if data is not None:
+        values = torch.where(flip, values.conj(), values).reshape(-1)
+        flat_data = data.view(-1)
     base = torch.floor(coords)
     frac = coords - base
     base = base.long()
-    nx = data.shape[2]
-    flat_data, flat_weight = data.view(-1), weight.view(-1)
-    for dz in (0, 1):
-        wz = frac[:, 2] if dz else 1 - frac[:, 2]
-        z = (base[:, 2] + dz) % p
-        for dy in (0, 1):
-            wy = frac[:, 1] if dy else 1 - frac[:, 1]
-            y = (base[:, 1] + dy) % p
-            for dx in (0, 1):
-                wx = frac[:, 0] if dx else 1 - frac[:, 0]
-                x = base[:, 0] + dx
-                w = wz * wy * wx
-                ok = x < nx
-                idx = ((z * p + y) * nx + x)[ok]
-                flat_data.index_add_(0, idx, (values * w)[ok])
-                flat_weight.index_add_(0, idx, (weights * w)[ok])
+    flat_weight = weight.view(-1)
+    for corner in range(8):
+        dx, dy, dz = corner & 1, (corner >> 1) & 1, (corner >> 2) & 1
+        w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+             * (frac[:, 2] if dz else 1 - frac[:, 2]))
+        x = base[:, 0] + dx
+        w = w * (x < nx)  # beyond the last stored plane: dropped (masking beats boolean indexing)
+        idx = ((base[:, 2] + dz) % p * p + (base[:, 1] + dy) % p) * nx + x.clamp(max=nx - 1)
+        flat_weight.index_add_(0, idx, weights * w)
+        if data is not None:
+            flat_data.index_add_(0, idx, values * w)
 
 
 def symmetrise_x0_plane(volume_rfft: torch.Tensor, conjugate: bool) -> torch.Tensor:

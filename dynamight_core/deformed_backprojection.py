@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._slice_insertion import slice_coordinates_rfft, symmetrise_x0_plane
+from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
 from .ctf import ctf_2d_rfft
 from .fourier_grids import (
     fftfreq_grid_2d_rfft, irfftn_centered_3d, rfft2_centered, rfftn_centered_3d)
@@ -93,29 +93,6 @@ def bilinear_lookup_2d(
     out = F.grid_sample(fine_images[:, None], norm[:, :, None, :].to(fine_images.dtype),
                         mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[:, 0, :, 0]
-
-
-def _insert_weights_rfft_3d(
-    weight: torch.Tensor,  # (p, p, p // 2 + 1) real, updated in place
-    values: torch.Tensor,  # (b, m) real samples (CTF²)
-    coords: torch.Tensor,  # (b, m, 3) xyz in voxels of the rfft grid
-) -> None:
-    """Trilinear insertion of real, Friedel-symmetric samples (``x < 0`` mirrored)."""
-    p, nx = weight.shape[0], weight.shape[2]
-    coords = torch.where(coords[..., :1] < 0, -coords, coords).reshape(-1, 3)
-    values = values.reshape(-1)
-    base = torch.floor(coords)
-    frac = coords - base
-    base = base.long()
-    flat = weight.view(-1)
-    for corner in range(8):
-        dx, dy, dz = corner & 1, (corner >> 1) & 1, (corner >> 2) & 1
-        w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
-             * (frac[:, 2] if dz else 1 - frac[:, 2]))
-        x = base[:, 0] + dx
-        w = w * (x < nx)  # beyond the last stored plane: dropped (no boolean indexing: slow)
-        idx = ((base[:, 2] + dz) % p * p + (base[:, 1] + dy) % p) * nx + x.clamp(max=nx - 1)
-        flat.index_add_(0, idx, values * w)
 
 
 def _hermitian_column_factor(box_size: int, device) -> torch.Tensor:  # (box // 2 + 1,)
@@ -175,7 +152,7 @@ class DeformedBackprojector:
         fine = oversample_for_bilinear_lookup(f * c, box, oversampling=self.oversampling)
         coords, keep = slice_coordinates_rfft(box, box, rotations)
         ctf2 = c * c * _hermitian_column_factor(box, device)
-        _insert_weights_rfft_3d(self.weight, ctf2[:, keep], coords)
+        insert_slices_rfft_3d(None, self.weight, None, ctf2[:, keep], coords)
 
         lookup = self._lookup_coordinates(rotations, displacement_grid, fine.shape[-1])
         per_particle = box**3
