@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .fourier_grids import radial_shell_index_3d_rfft, rfftn_centered_3d
+from .fourier_grids import irfftn_centered_3d, radial_shell_index_3d_rfft, rfftn_centered_3d
 
 
 def fsc(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:  # (box // 2 + 1,)
@@ -31,6 +31,21 @@ def fsc(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:  # (box // 2 + 
     out = torch.where(den > 0, num / torch.clamp(den, min=1e-300), torch.zeros_like(num))
     out[0] = 1.0 if den[0] > 0 else 0.0
     return out
+
+
+def fsc_weighted_average(half1: torch.Tensor, half2: torch.Tensor) -> torch.Tensor:
+    """The average of two half maps with each shell scaled by ``sqrt(2 FSC / (1 + FSC))`` (0
+    where the FSC is not positive): the figure-of-merit weighting of the combined map, the
+    kind of low-pass a consensus refinement's map has seen."""
+    box = half1.shape[-1]
+    curve = fsc(half1, half2).clamp_min(0.0)
+    weight = torch.sqrt(2 * curve / (1 + curve))
+    weight[0] = 1.0
+    average = 0.5 * (half1 + half2).to(torch.float64)
+    ft = rfftn_centered_3d(average)
+    shells = radial_shell_index_3d_rfft(box, ft.device).clamp_max(box // 2 + 1)
+    per_voxel = torch.cat([weight, weight.new_zeros(1)])[shells]
+    return irfftn_centered_3d(ft * per_voxel, box).to(half1.dtype)
 
 
 def shell_resolution_angstrom(box_size: int, pixel_size: float) -> torch.Tensor:

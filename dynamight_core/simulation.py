@@ -15,7 +15,7 @@ from .gaussian_projection import project_gaussians_rfft, render_gaussians_3d
 from .particles import CTFParams
 from .rotation import random_rotations
 from .shift import apply_relion_origin_rfft
-from .synthetic_structure import HingedStructure
+from .synthetic_structure import MovingStructure
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ class SimulationPlan:
 def plan_simulation(n_particles: int, *, seed: int = 0, max_shift_angstrom: float = 6.0,
                     defocus_range_angstrom: tuple[float, float] = (8000.0, 25000.0),
                     motion_values: torch.Tensor | None = None) -> SimulationPlan:
-    """Random poses, shifts, astigmatic defocus, motion (uniform in [-1, 1]) and half sets."""
+    """Random poses, shifts, astigmatic defocus, motion (uniform in [-1, 1]) and half sets.
+    The motion is drawn even when ``motion_values`` replaces it, so the same ``seed`` gives the
+    same poses, CTFs and half sets with or without motion (a no-motion control of the same
+    particles)."""
     g = torch.Generator().manual_seed(seed)
     n = n_particles
     du = torch.empty(n, dtype=torch.float64).uniform_(*defocus_range_angstrom, generator=g)
@@ -44,7 +47,9 @@ def plan_simulation(n_particles: int, *, seed: int = 0, max_shift_angstrom: floa
         n, defocus_u_angstrom=du, defocus_v_angstrom=dv,
         defocus_angle_degrees=torch.rand(n, generator=g) * 180.0,
     )
-    motion = (torch.rand(n, generator=g) * 2 - 1) if motion_values is None else motion_values
+    motion = torch.rand(n, generator=g) * 2 - 1
+    if motion_values is not None:
+        motion = torch.as_tensor(motion_values, dtype=torch.float32).expand(n).clone()
     half = (torch.randperm(n, generator=g) % 2 + 1).long()
     return SimulationPlan(
         rotations=random_rotations(n, generator=g),
@@ -53,7 +58,7 @@ def plan_simulation(n_particles: int, *, seed: int = 0, max_shift_angstrom: floa
     )
 
 
-def _clean_images(structure: HingedStructure, plan: SimulationPlan, idx: slice, box: int,
+def _clean_images(structure: MovingStructure, plan: SimulationPlan, idx: slice, box: int,
                   pixel_size: float) -> torch.Tensor:
     positions = structure.deformed_positions(plan.motion[idx])
     sigma = torch.tensor([structure.sigma_angstrom])
@@ -65,7 +70,7 @@ def _clean_images(structure: HingedStructure, plan: SimulationPlan, idx: slice, 
     return irfft2_centered(ft, box)
 
 
-def noise_sigma_for_snr(structure: HingedStructure, plan: SimulationPlan, box: int,
+def noise_sigma_for_snr(structure: MovingStructure, plan: SimulationPlan, box: int,
                         pixel_size: float, snr: float, n_probe: int = 64) -> float:
     """Noise standard deviation giving ``snr`` = signal variance / noise variance (whole box)."""
     n = min(n_probe, plan.motion.shape[0])
@@ -73,7 +78,7 @@ def noise_sigma_for_snr(structure: HingedStructure, plan: SimulationPlan, box: i
     return float(torch.sqrt(signal_var.mean() / snr))
 
 
-def simulate_images(structure: HingedStructure, plan: SimulationPlan, box: int,
+def simulate_images(structure: MovingStructure, plan: SimulationPlan, box: int,
                     pixel_size: float, *, batch_size: int = 256, seed: int = 0
                     ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(particle slice, images (b, box, box))``: CTF-modulated, shifted, plus noise."""
@@ -87,7 +92,7 @@ def simulate_images(structure: HingedStructure, plan: SimulationPlan, box: int,
         yield idx, images
 
 
-def render_state(structure: HingedStructure, motion: float, box: int,
+def render_state(structure: MovingStructure, motion: float, box: int,
                  pixel_size: float) -> torch.Tensor:
     """Ground-truth map ``(box, box, box)`` of the structure at one motion value."""
     positions = structure.deformed_positions(torch.tensor([motion]))[0]
@@ -96,7 +101,7 @@ def render_state(structure: HingedStructure, motion: float, box: int,
                                box, pixel_size)
 
 
-def consensus_map(structure: HingedStructure, box: int, pixel_size: float,
+def consensus_map(structure: MovingStructure, box: int, pixel_size: float,
                   n_states: int = 21) -> torch.Tensor:
     """What a consensus refinement of uniformly distributed motion sees: the average state."""
     states = torch.linspace(-1, 1, n_states)
