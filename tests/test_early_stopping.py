@@ -40,3 +40,19 @@ def test_state_round_trip():
     b.load_state_dict(a.state_dict())
     assert b == a
     assert [a.update(4, 4.0), a.update(5, 4.0)] == [b.update(4, 4.0), b.update(5, 4.0)]
+
+
+def test_never_stops_before_the_minimum_number_of_epochs():
+    # a flat start (the deformation model still forming), then learning
+    curve = [10.0] * 8 + [9.0, 8.0, 7.0] + [7.0] * 10
+    assert run(curve, patience=3)[0] == 4  # without the floor: stopped before learning
+    stopped, rule = run(curve, patience=3, min_epochs=10)
+    assert stopped == 14 and rule.best_epoch == 11
+    stopped, _ = run([10.0] * 30, patience=3, min_epochs=12)
+    assert stopped == 12  # a run that never learns still ends
+
+
+def test_old_states_without_the_new_fields_load():
+    rule = EarlyStopping(patience=3, min_epochs=5)
+    rule.load_state_dict({"first": 5.0, "best": 4.0, "best_epoch": 2, "stale_epochs": 1})
+    assert rule.n_epochs == 0 and rule.best == 4.0
