@@ -1,17 +1,17 @@
 """Throughput and memory of the deformed weighted backprojection, per particle as the
 ``deformable-backprojection`` command does it (image reading excluded):
 
-    encoder (mean latent) -> decoder (10 000 Gaussian displacements) -> coarse displacement
-    field (displacement_grid_from_gaussians) -> DeformedBackprojector.add
+    latent code (stored by training) -> decoder (10 000 Gaussian displacements) -> coarse
+    displacement field (displacement_grid_from_gaussians) -> DeformedBackprojector.add
 
-Inputs are synthetic: 10 000 Gaussians uniform in a ball of radius 0.35 × box, an untrained
-encoder (as the trainer builds it) and an untrained decoder whose zero-initialised output layer
+Inputs are synthetic: 10 000 Gaussians uniform in a ball of radius 0.35 × box, random latent
+codes and an untrained decoder whose zero-initialised output layer
 is replaced by random weights (displacements of a few Å, so the field is non-zero everywhere
 inside the model), white-noise images, random poses, shifts and CTFs. The field grid is
 ``choose_grid_size`` (about 8 Gaussians per node), as in the command.
 
 One line per box: particles timed, wall seconds, particles/s, CPU seconds per particle
-(``time.process_time``, all threads of the process), the share of the networks + field, and peak
+(``time.process_time``, all threads of the process), the share of the decoder + field, and peak
 memory (``torch.cuda.max_memory_allocated`` on CUDA, reset per box; on CPU the process's maximum
 RSS from ``getrusage``, a high-water mark over the whole run, ``+N`` = how much this box raised
 it). A warm-up batch before each timed loop is excluded; ``reconstruct()`` is timed separately.
@@ -44,7 +44,6 @@ from dynamight_core.deformation_model import Batch, DeformationModel  # noqa: E4
 from dynamight_core.deformed_backprojection import (  # noqa: E402
     DeformedBackprojector, choose_grid_size)
 from dynamight_core.displacement_field import displacement_grid_from_gaussians  # noqa: E402
-from dynamight_core.encoder import ImageEncoder  # noqa: E402
 from dynamight_core.gaussian_model import GaussianModel  # noqa: E402
 from dynamight_core.rotation import random_rotations  # noqa: E402
 
@@ -76,12 +75,11 @@ def _model(args, box: int, g: torch.Generator, device: torch.device) -> Deformat
     direction = direction / direction.norm(dim=1, keepdim=True)
     positions = direction * radius * torch.rand(args.n_gaussians, 1, generator=g) ** (1 / 3)
     gaussians = GaussianModel(positions, torch.tensor([args.pixel_size]), torch.tensor([1.0]))
-    encoder = ImageEncoder(box, 2, 256, 3, mask_radius_px=box // 2)
     decoder = DeformationDecoder(box, args.pixel_size, 2)
     with torch.no_grad():  # a fresh decoder returns exactly zero: give it a random output layer
         decoder.output_layer.weight.copy_(
             torch.randn(decoder.output_layer.weight.shape, generator=g) * 0.01)
-    return DeformationModel(gaussians, encoder, decoder, box, args.pixel_size).to(device).eval()
+    return DeformationModel(gaussians, decoder, box, args.pixel_size).to(device).eval()
 
 
 def _batch(box: int, b: int, g: torch.Generator, device: torch.device, start: int) -> Batch:
@@ -113,7 +111,7 @@ def bench_box(args, box: int, device: torch.device) -> None:
         def step(batch: Batch) -> float:
             t0 = time.perf_counter()
             with torch.no_grad():
-                z = model.encode(batch)[0]
+                z = torch.randn(len(batch), 2, generator=g).to(device)  # the stored codes
                 field = displacement_grid_from_gaussians(positions, model.displacements(z), box,
                                                          args.pixel_size, grid_size=grid_size)
             sync(device)

@@ -4,12 +4,11 @@ Synthetic inputs sized like a real run: ``--n-gaussians`` consensus Gaussians fi
 ellipsoid in the box, a forward :class:`DeformationDecoder` with random weights (its output layer
 re-initialised so displacements are a few Å), random latent codes. Measurements, one line each:
 
-- ``latent pass``: the image encoder on ``--n-particles`` random images (the command does this
-  once per run, not per epoch).
 - ``network epoch``: one inverse-network epoch over ``--n-particles``: the forward decoder on all
   Gaussians of every particle plus one training step per batch (``--points-per-particle``
   Gaussians drawn per particle, smoothness term on). Comparable to the reference's inverse epoch
-  (which also re-reads and re-encodes the images every epoch).
+  (which also re-reads and re-encodes the images every epoch; here the codes are read from the
+  forward run, as the command does).
 - ``network eval``: the trained network on all Gaussians of every particle (the held-out
   measurement).
 - ``fixed-point eval``: :class:`FixedPointInverse` on all Gaussians of every particle
@@ -44,7 +43,6 @@ from _common import (  # noqa: E402
     PeakMemory, add_device_arg, add_threads_seed_args, print_header, setup_device, sync)
 from dynamight_core.decoder import DeformationDecoder  # noqa: E402
 from dynamight_core.deformed_backprojection import choose_grid_size  # noqa: E402
-from dynamight_core.encoder import ImageEncoder  # noqa: E402
 from dynamight_core.fixed_point_inverse import (  # noqa: E402
     FixedPointInverse,
     fixed_point_inverse_map,
@@ -69,8 +67,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-iterations", type=int, default=5)
     parser.add_argument("--n-warp", type=int, default=4, help="particles for the volume warp")
     parser.add_argument("--pixel-size", type=float, default=1.5, help="Å")
-    parser.add_argument("--only", nargs="+", default=["latent", "network", "fixed-point", "warp"],
-                        choices=["latent", "network", "fixed-point", "warp"])
+    parser.add_argument("--only", nargs="+", default=["network", "fixed-point", "warp"],
+                        choices=["network", "fixed-point", "warp"])
     add_threads_seed_args(parser)
     return parser
 
@@ -99,21 +97,6 @@ def _setup(args, box: int, device: torch.device):
     decoder = decoder.to(device).eval()
     z = torch.randn(args.n_particles, args.latent_dim, generator=g).to(device)
     return consensus, decoder, z
-
-
-def bench_latent(args, box: int, device: torch.device) -> None:
-    encoder = ImageEncoder(box, args.latent_dim, 256, 3, mask_radius_px=box // 2).to(device)
-    images = torch.randn(args.batch_size, box, box).to(device)
-    with torch.no_grad(), PeakMemory(device) as memory:
-        encoder(images)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(math.ceil(args.n_particles / args.batch_size)):
-            encoder(images)
-        sync(device)
-        seconds = time.perf_counter() - start
-    _report("latent pass", box, args.n_particles, seconds, memory,
-            "  (encoder only; images from RAM)")
 
 
 def bench_network(args, box: int, device: torch.device, consensus, decoder, z) -> None:
@@ -194,8 +177,6 @@ def main(args: argparse.Namespace) -> None:
     print_header(device, f"python {platform.python_version()}")
     for box in sorted(args.boxes):
         consensus, decoder, z = _setup(args, box, device)
-        if "latent" in args.only:
-            bench_latent(args, box, device)
         if "network" in args.only:
             bench_network(args, box, device, consensus, decoder, z)
         grid = choose_grid_size(consensus.cpu(), box, args.pixel_size)

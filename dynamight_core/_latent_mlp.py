@@ -9,6 +9,15 @@ Positions ``xyz`` Å (box-normalised and positionally encoded) plus a latent cod
 ``out`` is box-normalised (multiply by :attr:`LatentConditionedMLP.half_box_angstrom` for Å).
 The ``W_pos·PE(p)`` and ``W_z·z`` terms are computed separately and broadcast-added, so the
 ``(b, m, 6 n_freqs + d)`` concatenation is never built.
+
+Tangents (:meth:`LatentConditionedMLP._mlp_and_tangents`): the derivatives ``∂out/∂z_k`` of
+every output, carried through the layers with the primal pass (forward-mode by hand)::
+
+    t0_k = ELU'(a0) ⊙ W_z[:, k],   t_{l+1,k} = t_{l,k} + ELU'(a_l) ⊙ (W_l t_{l,k}),
+    ∂out/∂z_k = W_out t_{L,k}           with ELU'(a) = min(ELU(a), 0) + 1
+
+They cost about one matrix product per layer and latent dimension, reuse the primal's
+activations, are computed without autograd and follow the autocast precision of the pass.
 """
 
 from __future__ import annotations
@@ -71,6 +80,40 @@ class LatentConditionedMLP(nn.Module):
             "n_linear_layers": self.n_linear_layers,
             "n_freqs": self.n_freqs,
         }
+
+    def _mlp_and_tangents(
+        self,
+        positions_angstrom: torch.Tensor,  # (m, 3) shared, Å
+        z: torch.Tensor,  # (b, d)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # out (b, m, 3), tangents (b, d, m, 3) detached
+        """:meth:`_mlp` and its derivatives with respect to each latent coordinate (module
+        docstring); the output keeps its autograd graph, the tangents have none."""
+        x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
+        position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # (m, w)
+        latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
+        pre = position_term + latent_term
+        h = self.activation(pre)  # (b, m, w)
+
+        def slope(activation: torch.Tensor) -> torch.Tensor:  # ELU'(a) = min(ELU(a), 0) + 1
+            return torch.clamp(activation.detach(), max=0.0).add_(1.0)
+
+        b, m, w = h.shape
+        d = z.shape[-1]
+        with torch.no_grad():
+            weight_z = rearrange(self.latent_layer.weight, "w d -> d 1 w").to(h.dtype)
+            tangent = h.new_empty(b, d, m, w)
+            torch.mul(slope(h)[:, None], weight_z, out=tangent)
+        for layer in self.hidden_layers:
+            step = self.activation(layer(h))
+            with torch.no_grad():
+                mixed = torch.mm(tangent.view(-1, w), layer.weight.t().to(tangent.dtype))
+                tangent.addcmul_(slope(step)[:, None], mixed.view(b, d, m, w))
+            h = h + step
+        out = self.output_layer(h)
+        with torch.no_grad():
+            tangents = torch.mm(tangent.view(-1, w), self.output_layer.weight.t().to(
+                tangent.dtype)).view(b, d, m, 3)
+        return out, tangents
 
     def _mlp(
         self,

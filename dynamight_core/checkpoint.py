@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT = "dynamight-relion forward deformations"
-VERSION = 1
+VERSION = 2  # 2: latent codes per particle, no image encoder
 
 
 def save_checkpoint(path: str | PathLike, state: dict) -> None:

@@ -4,7 +4,8 @@ Architecture (per Gaussian ``i`` and particle ``p``)::
 
     h0 = ELU(W_pos · PE(x_i / half_box) + W_z · z_p + b)           # first layer, split
     h_{l+1} = h_l + ELU(W_l · h_l + b_l)      l = 0 .. n_linear_layers - 1   (residual)
-    d_pi = half_box · (W_out · h_L + b_out)                         # W_out, b_out start at 0
+    f(x_i, z_p) = W_out · h_L + b_out                               # W_out, b_out start at 0
+    d_pi = half_box · (f(x_i, z_p) - f(x_i, 0))                     # anchored: d(z = 0) = 0
 
 ``half_box = box_size * voxel_size / 2`` (Å), the same normalisation as the positional encoding
 (:mod:`dynamight_core.positional_encoding`): the network works in box-normalised units and the
@@ -13,8 +14,13 @@ output is scaled back to Å.
 Speed: the first layer is the linear map of ``[PE(x_i), z_p]``; it is evaluated as
 ``W_pos·PE(x)`` once per forward (``(n_g, width)``) plus ``W_z·z`` once per particle
 (``(b, width)``), broadcast-added to ``(b, n_g, width)``. The ``(b, n_g, 6 n_freqs + d)``
-concatenation is never built. Gaussians outside the optional ``movable_mask`` are not evaluated
-at all and get exactly zero displacement.
+concatenation is never built; ``f(x, 0)`` is one extra row. Gaussians outside the optional
+``movable_mask`` are not evaluated at all and get exactly zero displacement.
+
+The anchor fixes the frame of the model: the consensus positions are the conformation at
+``z = 0``, the centre of the latent distribution (the prior mean), so the consensus can train
+with the decoder without the two trading a common offset, and both halves' consensus models
+describe the same (central) conformation.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ logger = logging.getLogger(__name__)
 
 class DeformationDecoder(LatentConditionedMLP):
     """Maps consensus positions ``(n_g, 3)`` Å and latents ``(b, d)`` to displacements
-    ``(b, n_g, 3)`` Å. A freshly built decoder returns exactly zero displacement.
+    ``(b, n_g, 3)`` Å, anchored so that the code ``z = 0`` (the prior mean) never moves anything:
+    the network's output minus its output at ``z = 0``. The consensus positions are therefore the
+    conformation at the centre of the latent distribution, in both halves alike. A freshly built
+    decoder returns exactly zero displacement.
 
     ``movable_mask`` (optional ``(n_g,)`` bool): only these Gaussians may move. It is a buffer
     (saved in the ``state_dict``); loading a state_dict that holds one adopts it, so
@@ -88,14 +97,43 @@ class DeformationDecoder(LatentConditionedMLP):
         z = z.to(dtype)
         n_g = positions_angstrom.shape[0]
         if self.movable_mask is None:
-            return self._mlp(positions_angstrom, z) * self.half_box_angstrom
+            return self._anchored(positions_angstrom, z) * self.half_box_angstrom
         if self.movable_mask.shape[0] != n_g:
             raise ValueError(f"movable_mask has {self.movable_mask.shape[0]} entries, "
                              f"positions have {n_g}")
-        moving = self._mlp(positions_angstrom[self.movable_mask], z) * self.half_box_angstrom
+        moving = self._anchored(positions_angstrom[self.movable_mask], z) * self.half_box_angstrom
         displacements = moving.new_zeros(z.shape[0], n_g, 3)
         displacements[:, self.movable_mask] = moving
         return displacements
+
+    def _anchored(self, positions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self._mlp(positions, z) - self._mlp(positions, z.new_zeros(1, z.shape[-1]))
+
+    def _anchored_and_tangents(self, positions: torch.Tensor, z: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, tangents = self._mlp_and_tangents(positions, z)
+        return out - self._mlp(positions, z.new_zeros(1, z.shape[-1])), tangents
+
+    def forward_with_tangents(
+        self,
+        positions_angstrom: torch.Tensor,  # (n_g, 3)
+        z: torch.Tensor,  # (b, latent_dim)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (b, n_g, 3) Å, (b, latent_dim, n_g, 3) Å per unit
+        """:meth:`forward` and the derivatives of every displacement with respect to each
+        latent coordinate (no autograd graph on the derivatives; see ``_latent_mlp``)."""
+        dtype = self.output_layer.weight.dtype
+        positions_angstrom = positions_angstrom.to(dtype)
+        z = z.to(dtype)
+        scale = self.half_box_angstrom
+        if self.movable_mask is None:
+            out, tangents = self._anchored_and_tangents(positions_angstrom, z)
+            return out * scale, tangents * scale
+        out, tangents = self._anchored_and_tangents(positions_angstrom[self.movable_mask], z)
+        displacements = out.new_zeros(z.shape[0], positions_angstrom.shape[0], 3)
+        displacements[:, self.movable_mask] = out * scale
+        full = tangents.new_zeros(z.shape[0], z.shape[1], positions_angstrom.shape[0], 3)
+        full[:, :, self.movable_mask] = tangents * scale
+        return displacements, full
 
 
 __all__ = ["DeformationDecoder"]

@@ -1,31 +1,37 @@
-"""One half set's VAE on the Gaussian pseudo-atomic model: the forward model and its loss.
+"""One half set's deformation model on the Gaussian pseudo-atomic model: the forward model and
+its loss.
 
 Forward model of a particle image (all in the centred rfft layout, ``(b, box, box // 2 + 1)``)::
 
-    images -> centred, in-plane derotated (encoder_input) -> ImageEncoder -> (mu, logvar)
-           -> z ~ N(mu, exp(logvar))
-    z -> DeformationDecoder(consensus positions, z) -> displacements d (b, n_g, 3) Å
+    z (b, d) -> DeformationDecoder(consensus positions, z) -> displacements d (b, n_g, 3) Å
     deformed = consensus + d -> project_gaussians_rfft(deformed, sigmas, masses, A)
              -> × CTF -> apply_relion_origin_rfft (image = projection moved by -rlnOrigin)
+
+The latent code ``z`` of a particle is not read off the image by an encoder network but inferred
+through this forward model (:mod:`dynamight_core.latent_inference`); the trainer keeps each
+particle's posterior mean.
 
 Loss per particle (what the trainer minimises, averaged over a batch)::
 
     nll  = ½ N_pix · norm · weighted_fourier_loss(model, image, w)     (Gaussian log-likelihood)
-    loss = nll + β · KL(q(z|image) || N(0, 1)) + λ · (distance preservation + repulsion)
+    loss = nll(z ~ q(z | image)) + λ · (distance preservation + repulsion)
 
 ``w`` are the normalised radial noise weights of :class:`RadialNoiseEstimate` (mean 1) and
 ``norm`` the mean of ``1 / σ²(shell)`` over the pixels within Nyquist, so ``norm · w = 1 / σ²``
 and ``nll`` is the negative log-likelihood of the image under coloured Gaussian noise (up to a
-constant), in the same units (nats) as the KL term.
+constant), in nats. The KL term of the evidence lower bound does not depend on the decoder once
+``q`` is the inferred posterior; it shapes ``q`` itself (the prior term of the inference).
 
-Deformation error on held-out (validation) particles: both halves' encoders and decoders are
-applied to the same images; ``|d1 - d2|`` (Å) per particle and Gaussian, Gaussian ``i`` of both
-halves descending from the same Gaussian of the common initial model.
+Deformation error on held-out (validation) particles: both halves' models are applied to the
+same images, each with the codes it infers for them; ``|d1 - d2|`` (Å) per particle and
+Gaussian, Gaussian ``i`` of both halves descending from the same Gaussian of the common initial
+model.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +40,6 @@ from torch import nn
 
 from .ctf import ctf_2d_rfft
 from .decoder import DeformationDecoder
-from .encoder import ImageEncoder, kl_divergence, reparameterize
-from .encoder_input import canonical_encoder_images
 from .fourier_grids import rfft2_centered
 from .gaussian_model import GaussianModel
 from .gaussian_projection import project_gaussians_rfft
@@ -101,36 +105,31 @@ def noise_normalisation(estimate: RadialNoiseEstimate, min_relative_power: float
 
 
 class DeformationModel(nn.Module):
-    """Gaussian consensus model, image encoder and deformation decoder of one half set."""
+    """Gaussian consensus model and deformation decoder of one half set."""
 
-    def __init__(self, gaussians: GaussianModel, encoder: ImageEncoder,
-                 decoder: DeformationDecoder, box_size: int, pixel_size: float) -> None:
+    def __init__(self, gaussians: GaussianModel, decoder: DeformationDecoder, box_size: int,
+                 pixel_size: float) -> None:
         super().__init__()
         self.gaussians = gaussians
-        self.encoder = encoder
         self.decoder = decoder
         self.box_size = int(box_size)
         self.pixel_size = float(pixel_size)
         self.decoder_dtype = torch.float32
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mu (b, d)``, ``logvar (b, d)`` of a batch. The encoder sees each image centred
-        and turned to a common in-plane orientation (:mod:`.encoder_input`), so it needs the
-        poses: pass the :class:`Batch`, not bare images."""
-        if not isinstance(batch, Batch):
-            raise TypeError("DeformationModel.encode takes a Batch (images with their poses "
-                            "and shifts), not bare images")
-        return self.encoder(canonical_encoder_images(
-            batch.images, batch.rotations, batch.shifts_angstrom, self.pixel_size,
-            self.encoder.box_size))
+    @property
+    def latent_dim(self) -> int:
+        return self.decoder.latent_dim
 
-    def displacements(self, z: torch.Tensor) -> torch.Tensor:  # (b, n_g, 3) Å
+    def displacements(self, z: torch.Tensor, dtype: torch.dtype | None = None
+                      ) -> torch.Tensor:  # (b, n_g, 3) Å
         """Displacement of every consensus Gaussian for latent codes ``z (b, d)``; computed in
-        ``decoder_dtype`` (bfloat16 autocast: weights, gradients and the result stay float32)."""
+        ``dtype`` (default ``decoder_dtype``; bfloat16 by autocast: weights, gradients and the
+        result stay float32)."""
+        dtype = self.decoder_dtype if dtype is None else dtype
         positions = self.gaussians.positions.detach()
-        if self.decoder_dtype == torch.float32:
+        if dtype == torch.float32:
             return self.decoder(positions, z)
-        with torch.autocast(device_type=z.device.type, dtype=self.decoder_dtype):
+        with torch.autocast(device_type=z.device.type, dtype=dtype):
             displacements = self.decoder(positions, z)
         return displacements.float()
 
@@ -148,24 +147,67 @@ class DeformationModel(nn.Module):
         return apply_relion_origin_rfft(projection, batch.shifts_angstrom, self.pixel_size,
                                         self.box_size)
 
+    def displacements_and_tangents(self, z: torch.Tensor, dtype: torch.dtype | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`displacements` ``(b, n_g, 3)`` (with autograd) and their derivatives with
+        respect to each latent coordinate ``(b, d, n_g, 3)`` Å per unit (without), float32."""
+        dtype = self.decoder_dtype if dtype is None else dtype
+        positions = self.gaussians.positions.detach()
+        if dtype == torch.float32:
+            return self.decoder.forward_with_tangents(positions, z)
+        with torch.autocast(device_type=z.device.type, dtype=dtype):
+            displacements, tangents = self.decoder.forward_with_tangents(positions, z)
+        return displacements.float(), tangents.float()
+
+    def image_jacobian(
+        self,
+        deformed: torch.Tensor,  # (b, n_g, 3) Å, the deformed positions at z
+        tangents: torch.Tensor,  # (b, d, n_g, 3) ∂deformed/∂z
+        model: torch.Tensor,  # (b, box, box // 2 + 1) render(deformed)
+        batch: Batch,
+        step_angstrom: float = 0.05,
+    ) -> torch.Tensor:  # (b, d, box, box // 2 + 1) ∂model/∂z
+        """Derivatives of the model images with respect to the latent coordinates: one extra
+        render per coordinate, the Gaussians moved along the tangent by at most
+        ``step_angstrom`` (forward difference; the decoder's part is exact)."""
+        columns = []
+        for k in range(tangents.shape[1]):
+            direction = tangents[:, k]
+            largest = direction.norm(dim=-1).amax(dim=-1).clamp_min(1e-12)  # (b,)
+            h = step_angstrom / largest
+            moved = self.render(deformed + h[:, None, None] * direction, batch)
+            columns.append((moved - model) / h[:, None, None])
+        return torch.stack(columns, dim=1)
+
+    @torch.no_grad()
+    def linearise(self, batch: Batch, z: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # model (b, h, w), ∂model/∂z
+        """Model images of ``batch`` at the codes ``z`` and their Jacobian (latent inference,
+        :mod:`dynamight_core.latent_inference`)."""
+        d, tangents = self.displacements_and_tangents(z)
+        deformed = self.gaussians.positions.detach()[None] + d
+        model = self.render(deformed, batch)
+        return model, self.image_jacobian(deformed, tangents, model, batch)
+
     def forward(
         self,
         batch: Batch,
+        z: torch.Tensor | None = None,  # (b, d)
         *,
-        deform: bool,
-        generator: torch.Generator | None = None,
-        sample: bool = True,
+        tangents: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Model images of a batch. Without ``deform`` the consensus is projected (no encoder,
-        zero displacement). Returns ``model_rfft``, ``image_rfft`` and, with ``deform``, ``mu``,
-        ``logvar``, ``z``, ``displacements``, ``deformed``."""
+        """Model images of a batch: deformed by the codes ``z``, or the consensus projection
+        (zero displacement) without them. Returns ``model_rfft``, ``image_rfft`` and, with
+        ``z``, ``displacements`` and ``deformed`` (and with ``tangents`` their derivatives
+        ``(b, d, n_g, 3)`` with respect to ``z``, without autograd)."""
         out: dict[str, torch.Tensor] = {"image_rfft": rfft2_centered(batch.images)}
-        if deform:
-            mu, logvar = self.encode(batch)
-            z = reparameterize(mu, logvar, generator) if sample else mu
-            d = self.displacements(z)
-            deformed = self.gaussians.positions.detach()[None] + d
-            out.update(mu=mu, logvar=logvar, z=z, displacements=d, deformed=deformed)
+        if z is not None:
+            if tangents:
+                d, out["tangents"] = self.displacements_and_tangents(z)
+            else:
+                d = self.displacements(z)
+            deformed = self.gaussians.positions[None] + d
+            out.update(displacements=d, deformed=deformed)
             out["model_rfft"] = self.render(deformed, batch)
         else:
             out["model_rfft"] = self.render(self.gaussians.positions, batch)
@@ -187,23 +229,20 @@ def negative_log_likelihood(
     return 0.5 * float(pixel_factor.sum()) * norm * mse, mse
 
 
-def kl_per_particle(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:  # (b,)
-    """KL divergence of the posterior from the prior, nats per particle."""
-    return kl_divergence(mu, logvar)
-
-
 @torch.no_grad()
 def deformation_error(
     model_1: DeformationModel,
     model_2: DeformationModel,
-    batches,  # iterable of Batch (the validation particles)
+    latents_1: Callable[[Batch], torch.Tensor],  # batch -> (b, d) codes under half 1
+    latents_2: Callable[[Batch], torch.Tensor],
+    batches: Iterable[Batch],  # the validation particles
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply both halves to the same images: per-particle mean ``|d1 - d2|`` (Å), its indices,
     and the per-Gaussian mean over particles (Å)."""
     per_particle, indices, per_gaussian, count = [], [], None, 0
     for batch in batches:
-        d1 = model_1.displacements(model_1.encode(batch)[0])
-        d2 = model_2.displacements(model_2.encode(batch)[0])
+        d1 = model_1.displacements(latents_1(batch))
+        d2 = model_2.displacements(latents_2(batch))
         err = (d1 - d2).norm(dim=-1)  # (b, n_g)
         per_particle.append(err.mean(dim=1).cpu().numpy())
         indices.append(batch.indices)
@@ -220,7 +259,6 @@ __all__ = [
     "Batch",
     "DeformationModel",
     "deformation_error",
-    "kl_per_particle",
     "make_batch",
     "negative_log_likelihood",
     "noise_normalisation",

@@ -1,24 +1,41 @@
-"""Training of one half set's deformation VAE; one independent object per half set.
+"""Training of one half set's deformation model; one independent object per half set.
 
-Independence: a trainer owns its Gaussian model (a copy of the common initial model), encoder,
-decoder, optimiser, noise estimate and two generators (``shuffle`` on the CPU for the data
-order, ``sample`` on the device for the VAE noise). It never touches the other half's tensors,
-so the two trainers could sit on different GPUs or processes. Everything random comes from
-those generators (network initialisation uses ``torch.random.fork_rng`` with a seed derived from
-``config.seed`` and the half), so a run restored from :meth:`state_dict` continues exactly.
+Independence: a trainer owns its Gaussian model (a copy of the common initial model), decoder,
+the latent codes of its own particles, optimiser, noise estimate and two generators
+(``shuffle`` on the CPU for the data order, ``sample`` on the device for the posterior draws).
+It never touches the other half's tensors, so the two trainers could sit on different GPUs or
+processes. Everything random comes from those generators (network initialisation uses
+``torch.random.fork_rng`` with a seed derived from ``config.seed`` and the half), so a run
+restored from :meth:`state_dict` continues exactly.
+
+Latent codes (:mod:`dynamight_core.latent_inference`): every particle the trainer knows (its
+training particles and, when given, its validation particles) has a Gaussian posterior
+``N(z, H⁻¹)`` in a table, starting at the prior ``N(0, I)``. Each time a training particle is
+visited, one Gauss-Newton step through the current model (the decoder's forward-mode
+derivatives and one extra render per latent dimension; no backward pass) moves its stored code
+towards the posterior mode, and the decoder trains on a draw from the new posterior: variational
+EM with a Laplace posterior instead of an encoder network. Codes of validation
+particles (never trained on) and of particles the trainer does not know are inferred with the
+model fixed (:meth:`HalfSetTrainer.infer`: damped Gauss-Newton steps, ``inference_steps`` from
+0).
 
 Schedule (epochs counted from 0):
 
 - ``epoch < n_warmup_epochs``: warm-up. Only the Gaussian parameters (positions, widths,
   masses) train against the images; the decoder is not evaluated (zero displacement).
-- afterwards: joint training of encoder, decoder, widths and masses; the consensus positions
-  only change through consensus updates.
+- afterwards: joint training of decoder and Gaussian parameters (positions included: the
+  decoder is anchored at ``z = 0``, so the consensus positions are the conformation at the
+  centre of the latent distribution and sharpen there, where the consensus map had the moving
+  parts blurred over their range of motion), latent codes inferred as above. (The freshly built
+  decoder outputs zero, so on the first joint epoch the decoder learns from draws of the prior:
+  random codes that break the symmetry; from then on inference and decoder sharpen each
+  other.)
 - λ (the regularisation weight) is set once per epoch, on the epoch's first batch, from the
   gradient-norm ratio of the data and regularisation terms over the decoder parameters times
   ``regularization_factor`` (:func:`gradient_norm_ratio_lambda`).
 - the neighbour graph and repulsion pairs are rebuilt from the consensus at every epoch start.
-- consensus update, after every ``consensus_update_interval``-th joint epoch: the mean latent
-  ``mu`` of every training particle seen in the epoch is decoded; the
+- consensus update, after every ``consensus_update_interval``-th joint epoch: the latent code
+  of every training particle seen in the epoch is decoded; the
   ``consensus_update_fraction`` of particles whose deformed model lies closest (mean distance
   per Gaussian) to the *initial* model, the one both halves started from, are taken and the
   consensus positions are replaced by the mean of their deformed positions
@@ -28,8 +45,9 @@ Schedule (epochs counted from 0):
   displaced from the *current* consensus would let each half drift on its own. The decoder is
   left as is (its displacements are small for those particles, so the shift of its inputs is
   small too).
-- :meth:`evaluate` gives the data term on held-out particles (no sampling, no gradients): the
-  early-stopping signal of the command.
+- :meth:`evaluate` gives the data term on held-out particles at their inferred codes (no
+  sampling, no gradients; the decoder never trains on them): the early-stopping signal of the
+  command.
 - the noise spectrum used in an epoch is estimated from the previous epoch's residuals
   (or from :meth:`initialise_noise` before the first epoch).
 """
@@ -47,9 +65,12 @@ import torch
 
 from .decoder import DeformationDecoder
 from .deformation_model import (
-    Batch, DeformationModel, kl_per_particle, negative_log_likelihood, noise_normalisation)
-from .encoder import ImageEncoder
+    Batch, DeformationModel, negative_log_likelihood, noise_normalisation)
+from .fourier_grids import rfft2_centered
 from .gaussian_model import GaussianModel
+from .latent_inference import (
+    gauss_newton_step, gauss_newton_system, infer_latents, likelihood_pixel_weights,
+    posterior_kl, sample_posterior)
 from .noise_model import RadialNoiseEstimate
 from .regularization import (
     build_neighbour_graph, distance_preservation_loss, gradient_norm_ratio_lambda,
@@ -70,8 +91,6 @@ class TrainerConfig:
     n_positional_encoding_dimensions: int = 10
     n_linear_layers: int = 2
     n_neurons_per_layer: int = 32
-    n_encoder_layers: int = 3
-    n_encoder_neurons: int = 256
     n_warmup_epochs: int = 0
     regularization_factor: float = 1.0
     beta: float = 1.0
@@ -81,6 +100,8 @@ class TrainerConfig:
     gaussian_learning_rate: float = 1e-2
     repulsion_distance: float = 0.0  # Å; 0 = half the mean neighbour distance of the start
     decoder_precision: str = "float32"  # or "bfloat16" (autocast; see device.py)
+    inference_steps: int = 5  # Gauss-Newton steps for a code inferred from the prior mean
+    max_latent_step: float = 1.0  # longest Gauss-Newton step, latent units
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -88,28 +109,38 @@ class TrainerConfig:
 
 
 class HalfSetTrainer:
-    """VAE training of one half set (see module docstring)."""
+    """Training of one half set's deformation model and latent codes (module docstring)."""
 
     def __init__(self, half: int, config: TrainerConfig, initial_gaussians: GaussianModel,
                  train_indices: np.ndarray, device: torch.device,
-                 movable_mask: torch.Tensor | None = None) -> None:
+                 movable_mask: torch.Tensor | None = None,
+                 validation_indices: np.ndarray | None = None) -> None:
         self.half = int(half)
         self.config = config
         self.device = torch.device(device)
         self.train_indices = np.sort(np.asarray(train_indices, dtype=np.int64))
+        held = (np.zeros(0, dtype=np.int64) if validation_indices is None
+                else np.asarray(validation_indices, dtype=np.int64))
+        if np.intersect1d(self.train_indices, held).size:
+            raise ValueError("validation particles must not be training particles")
+        # particles with a stored code: sorted, training and validation ones
+        self.known_indices = np.sort(np.concatenate([self.train_indices, held]))
         c = config
         seed = c.seed * 1000 + self.half
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = ImageEncoder(c.box_size, c.latent_dim, c.n_encoder_neurons,
-                                   c.n_encoder_layers, mask_radius_px=c.box_size // 2)
             decoder = DeformationDecoder(c.box_size, c.pixel_size, c.latent_dim,
                                          c.n_neurons_per_layer, c.n_linear_layers,
                                          c.n_positional_encoding_dimensions, movable_mask)
         gaussians = copy.deepcopy(initial_gaussians).cpu()
         self.initial_positions = gaussians.positions.detach().clone().to(self.device)
-        self.model = DeformationModel(gaussians, encoder, decoder, c.box_size,
+        self.model = DeformationModel(gaussians, decoder, c.box_size,
                                       c.pixel_size).to(self.device)
+        self.latents = torch.zeros(self.known_indices.shape[0], c.latent_dim,
+                                   device=self.device)
+        self.latent_precision = torch.eye(c.latent_dim, device=self.device).repeat(
+            self.known_indices.shape[0], 1, 1)
+        self.final_latents: torch.Tensor | None = None  # see finalise_latents
         self.model.decoder_dtype = {"float32": torch.float32,
                                     "bfloat16": torch.bfloat16}[c.decoder_precision]
         if c.repulsion_distance <= 0:
@@ -120,12 +151,12 @@ class HalfSetTrainer:
             {"params": [g.positions], "lr": c.gaussian_learning_rate * c.pixel_size},
             {"params": [g.log_sigmas], "lr": c.gaussian_learning_rate},
             {"params": [g.amplitudes], "lr": c.gaussian_learning_rate * mass_scale},
-            {"params": list(self.model.encoder.parameters())
-             + list(self.model.decoder.parameters()), "lr": c.learning_rate},
+            {"params": list(self.model.decoder.parameters()), "lr": c.learning_rate},
         ])
         self.noise = RadialNoiseEstimate(c.box_size, device=self.device)
         self.noise_weights = self.noise.weights()
         self.noise_norm = 1.0
+        self.pixel_weights = likelihood_pixel_weights(self.noise_weights, self.noise_norm)
         self.shuffle_generator = torch.Generator().manual_seed(seed)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
         self.epoch = 0
@@ -142,10 +173,60 @@ class HalfSetTrainer:
         return self.train_indices[perm.numpy()]
 
     def _set_trainable(self, warmup: bool) -> None:
-        g = self.model.gaussians
-        g.positions.requires_grad_(warmup)
-        for p in [*self.model.encoder.parameters(), *self.model.decoder.parameters()]:
+        for p in self.model.decoder.parameters():
             p.requires_grad_(not warmup)
+
+    # -- latent codes ------------------------------------------------------------------------
+    def _rows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``indices`` in the code table and whether each particle has one."""
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = np.searchsorted(self.known_indices, indices)
+        rows = np.minimum(rows, max(self.known_indices.shape[0] - 1, 0))
+        known = (self.known_indices[rows] == indices) if self.known_indices.size else \
+            np.zeros(indices.shape[0], dtype=bool)
+        return (torch.from_numpy(rows).to(self.device),
+                torch.from_numpy(known).to(self.device))
+
+    def infer(self, batch: Batch, n_steps: int = 1, *, store: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # mean (b, d), precision (b, d, d)
+        """Posterior of the codes of ``batch`` under the current model, without training
+        anything: stored codes refined by ``n_steps`` damped Gauss-Newton steps, particles
+        without a stored code from 0 by ``inference_steps`` (at least ``n_steps``); the result
+        is stored for known particles when ``store``."""
+        c = self.config
+        rows, known = self._rows(batch.indices)
+        z0 = torch.where(known[:, None], self.latents[rows], torch.zeros_like(self.latents[rows]))
+        steps = n_steps if bool(known.all()) else max(n_steps, c.inference_steps)
+        mean, precision = infer_latents(
+            lambda z: self.model.linearise(batch, z), z0, rfft2_centered(batch.images),
+            self.pixel_weights, steps, beta=c.beta, max_step=c.max_latent_step)
+        if store and bool(known.any()):
+            self.latents[rows[known]] = mean[known]
+            self.latent_precision[rows[known]] = precision[known]
+        return mean, precision
+
+    @property
+    def _codes(self) -> torch.Tensor:
+        return self.latents if self.final_latents is None else self.final_latents
+
+    @torch.no_grad()
+    def latents_for(self, batch: Batch) -> torch.Tensor:  # (b, d)
+        """Codes of ``batch`` without changing anything: the stored ones of known particles
+        (the final ones once :meth:`finalise_latents` ran), inferred from 0
+        (``inference_steps``) for the others."""
+        rows, known = self._rows(batch.indices)
+        if bool(known.all()):
+            return self._codes[rows].clone()
+        inferred = self.infer(batch, self.config.inference_steps, store=False)[0]
+        return torch.where(known[:, None], self._codes[rows], inferred)
+
+    def stored_latents(self, indices: np.ndarray) -> torch.Tensor:  # (m, d)
+        """The stored codes of ``indices`` (final ones once :meth:`finalise_latents` ran; all
+        must be known to this trainer)."""
+        rows, known = self._rows(indices)
+        if not bool(known.all()):
+            raise KeyError(f"half {self.half} has no code for some of these particles")
+        return self._codes[rows]
 
     def _regularisation(self, deformed: torch.Tensor) -> torch.Tensor:  # (b,)
         return (distance_preservation_loss(deformed, self._edges, self._rest_lengths)
@@ -156,19 +237,21 @@ class HalfSetTrainer:
         """Noise spectrum from the residuals of the consensus projection."""
         self.noise.reset()
         for batch in batches:
-            out = self.model(batch, deform=False)
+            out = self.model(batch)
             self.noise.accumulate(out["image_rfft"] - out["model_rfft"])
         self._refresh_noise()
 
     def _refresh_noise(self) -> None:
         self.noise_weights = self.noise.weights()
         self.noise_norm = noise_normalisation(self.noise)
+        self.pixel_weights = likelihood_pixel_weights(self.noise_weights, self.noise_norm)
 
     # -- training ---------------------------------------------------------------------------
     def train_epoch(self, batches: Iterable[Batch]) -> dict[str, float]:
         """One pass over ``batches``; returns per-particle means as plain floats."""
         c = self.config
         warmup = self.in_warmup
+        self.final_latents = None  # the model changes: final codes no longer hold
         self._set_trainable(warmup)
         consensus = self.model.gaussians.positions.detach()
         self._edges, self._rest_lengths = build_neighbour_graph(consensus)
@@ -179,20 +262,24 @@ class HalfSetTrainer:
         n_seen, mus, first = 0, [], True
         self.model.train()
         for batch in batches:
-            out = self.model(batch, deform=not warmup, generator=self.sample_generator)
+            if warmup:
+                out = self.model(batch)
+            else:
+                mean, precision = self._refine_codes(batch)
+                z = sample_posterior(mean, precision, self.sample_generator)
+                out = self.model(batch, z)
             nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], weights, norm)
             loss = nll.mean()
             if not warmup:
-                kl = kl_per_particle(out["mu"], out["logvar"])
                 reg = self._regularisation(out["deformed"])
                 if first:
                     self.regularization_weight = gradient_norm_ratio_lambda(
                         nll.mean(), reg.mean(), self.model.decoder.parameters(),
                         c.regularization_factor)
-                loss = loss + c.beta * kl.mean() + self.regularization_weight * reg.mean()
-                sums["kl"] += float(kl.detach().sum())
+                loss = loss + self.regularization_weight * reg.mean()
+                sums["kl"] += float(posterior_kl(mean, precision).sum())
                 sums["reg"] += float(reg.detach().sum())
-                mus.append(out["mu"].detach())
+                mus.append(mean)
             first = False
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,6 +301,20 @@ class HalfSetTrainer:
         stats.update(n_particles=float(n_seen), regularization_weight=self.regularization_weight,
                      warmup=float(warmup))
         return stats
+
+    @torch.no_grad()
+    def _refine_codes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Gauss-Newton step for the stored codes of a training batch under the current
+        model; the new posterior (mean, precision) is stored and returned."""
+        rows, _ = self._rows(batch.indices)
+        z = self.latents[rows]
+        model, jacobian = self.model.linearise(batch, z)
+        descent, precision = gauss_newton_system(model, jacobian, z, rfft2_centered(batch.images),
+                                                 self.pixel_weights, self.config.beta)
+        mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)
+        self.latents[rows] = mean
+        self.latent_precision[rows] = precision
+        return mean, precision
 
     @torch.no_grad()
     def update_consensus(self, mu: torch.Tensor, chunk: int = 256) -> float:
@@ -239,31 +340,33 @@ class HalfSetTrainer:
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:
         """Mean residual power per Fourier pixel within Nyquist (unweighted, so epochs compare
-        whatever the noise estimate does) of ``batches`` under the current model with
-        ``z = mu``; nothing is trained. NaN without particles."""
+        whatever the noise estimate does) of ``batches`` under the current model at their
+        inferred codes (:meth:`infer`, stored for known particles); nothing is trained. NaN
+        without particles."""
         self.model.eval()
         flat = torch.ones_like(self.noise_weights) * (self.noise_weights > 0)
         total, n = 0.0, 0
-        deform = not self.in_warmup
         for batch in batches:
-            out = self.model(batch, deform=deform, sample=False)
+            z = None if self.in_warmup else self.infer(batch)[0]
+            out = self.model(batch, z)
             _, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], flat, 1.0)
             total += float(mse.sum())
             n += len(batch)
         return total / n if n else float("nan")
 
     @torch.no_grad()
-    def encode(self, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
-        """Mean latent ``mu`` of every particle in ``batches``: ``(indices (m,), mu (m, d))``."""
+    def finalise_latents(self, batches: Iterable[Batch], n_steps: int = 2) -> None:
+        """The codes of the known particles in ``batches`` under the final model (``n_steps``
+        damped Gauss-Newton steps from the stored ones), kept apart from the training table (so
+        that training can be continued exactly) and returned by :meth:`latents_for` and
+        :meth:`stored_latents` from now on. Training again discards them."""
         self.model.eval()
-        idx, mus = [], []
+        if self.final_latents is None:
+            self.final_latents = self.latents.clone()
         for batch in batches:
-            idx.append(batch.indices)
-            mus.append(self.model.encode(batch)[0].cpu().numpy())
-        d = self.config.latent_dim
-        if not idx:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, d))
-        return np.concatenate(idx), np.concatenate(mus)
+            rows, known = self._rows(batch.indices)
+            mean = self.infer(batch, n_steps, store=False)[0]
+            self.final_latents[rows[known]] = mean[known]
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -271,8 +374,10 @@ class HalfSetTrainer:
         return {
             "half": self.half, "epoch": self.epoch, "config": self.config.to_dict(),
             "gaussians": self.model.gaussians.state_dict(),
-            "encoder": self.model.encoder.state_dict(),
             "decoder": self.model.decoder.state_dict(),
+            "latents": self.latents.cpu(), "latent_precision": self.latent_precision.cpu(),
+            **({} if self.final_latents is None else {"final_latents": self.final_latents.cpu()}),
+            "known_indices": torch.from_numpy(self.known_indices),
             "optimiser": self.optimiser.state_dict(),
             "noise_power_sum": self.noise.power_sum.cpu(), "noise_count": self.noise.count.cpu(),
             "train_indices": torch.from_numpy(self.train_indices),
@@ -283,10 +388,17 @@ class HalfSetTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "latents" not in state:
+            raise ValueError("checkpoint of an earlier version (image encoder): its training "
+                             "cannot be continued by this one; start a new run")
         self.epoch = int(state["epoch"])
         self.model.gaussians.load_state_dict(state["gaussians"])
-        self.model.encoder.load_state_dict(state["encoder"])
         self.model.decoder.load_state_dict(state["decoder"])
+        self.known_indices = state["known_indices"].numpy().astype(np.int64)
+        self.latents = state["latents"].to(self.device)
+        self.latent_precision = state["latent_precision"].to(self.device)
+        final = state.get("final_latents")
+        self.final_latents = None if final is None else final.to(self.device)
         self.model.to(self.device)
         self.optimiser.load_state_dict(state["optimiser"])
         self.noise.power_sum.copy_(state["noise_power_sum"])
@@ -301,7 +413,8 @@ class HalfSetTrainer:
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> HalfSetTrainer:
         """Rebuild a trainer (shapes from the stored config) and load ``state`` into it."""
-        config = TrainerConfig(**state["config"])
+        config = TrainerConfig(**{k: v for k, v in state["config"].items()
+                                  if k in TrainerConfig.__dataclass_fields__})
         gaussians = GaussianModel.from_config(
             {"n_gaussians": config.n_gaussians, "n_classes": config.n_classes})
         gaussians.load_state_dict(state["gaussians"])

@@ -40,11 +40,15 @@ class ForwardRun:
     checkpoint_path: Path
     epoch: int  # epochs the checkpoint completed
     config: dict  # the optimize-deformations settings (plain values)
-    models: dict[int, DeformationModel]  # half (1, 2) -> model, eval mode, on the device
+    trainers: dict[int, HalfSetTrainer]  # half (1, 2) -> trained state, model in eval mode
     particles: ParticleSet  # half sets as in the checkpoint
     star: RelionParticles  # the particles STAR file as read (all columns)
     validation: torch.Tensor  # (n,) bool, held out from training of both halves
     device: torch.device
+
+    @property
+    def models(self) -> dict[int, DeformationModel]:  # half -> model, eval mode, on the device
+        return {half: trainer.model for half, trainer in self.trainers.items()}
 
     @property
     def half_set(self) -> np.ndarray:  # (n,) 1 or 2
@@ -68,8 +72,10 @@ class ForwardRun:
 
     @torch.no_grad()
     def latents(self, half: int, batch: Batch) -> torch.Tensor:  # (b, d)
-        """Mean latent code of each particle of ``batch`` under ``half``'s encoder."""
-        return self.models[half].encode(batch)[0]
+        """Latent code of each particle of ``batch`` under ``half``'s model: the one training
+        stored for the half's own particles (as in particles.star), inferred through the model
+        for any other particle."""
+        return self.trainers[half].latents_for(batch)
 
 
 def find_forward_checkpoint(output_directory: str | PathLike,
@@ -127,15 +133,19 @@ def load_forward_run(
                          f"on {half_set.shape[0]}",
                          "Use the particles STAR file the deformations were trained on.")
     particles = particles.with_half_set(half_set)
-    models = {}
+    trainers = {}
     for half, half_state in sorted(state["halves"].items()):
-        model = HalfSetTrainer.from_state_dict(half_state, device).model
-        model.eval()
-        models[int(half)] = model
+        try:
+            trainer = HalfSetTrainer.from_state_dict(half_state, device)
+        except ValueError as err:
+            raise InputError(path, "checkpoint", str(err),
+                             "Run optimize-deformations again with this version.") from err
+        trainer.model.eval()
+        trainers[int(half)] = trainer
     logger.info("loaded %s (epoch %d): %d particles, latent dimension %d", path,
-                int(state["epoch"]), len(particles), models[1].decoder.latent_dim)
+                int(state["epoch"]), len(particles), trainers[1].config.latent_dim)
     return ForwardRun(output_directory=out, checkpoint_path=path, epoch=int(state["epoch"]),
-                      config=config, models=models, particles=particles, star=star,
+                      config=config, trainers=trainers, particles=particles, star=star,
                       validation=state["validation"].bool(), device=device)
 
 

@@ -84,15 +84,47 @@ def test_split_first_layer_equals_naive_concatenation() -> None:
                                             decoder.latent_layer.weight], dim=1))
         naive_first.bias.copy_(decoder.position_layer.bias)
     features = positional_encoding(normalise_positions(positions, BOX, VOXEL_SIZE), 4)
-    inputs = torch.cat([features[None].expand(5, -1, -1),
-                        z[:, None, :].expand(-1, positions.shape[0], -1)], dim=-1)
-    h = nn.functional.elu(naive_first(inputs))
-    for layer in decoder.hidden_layers:
-        h = h + nn.functional.elu(layer(h))
-    naive = decoder.output_layer(h) * (BOX * VOXEL_SIZE / 2)
 
+    def naive(codes):
+        inputs = torch.cat([features[None].expand(codes.shape[0], -1, -1),
+                            codes[:, None, :].expand(-1, positions.shape[0], -1)], dim=-1)
+        h = nn.functional.elu(naive_first(inputs))
+        for layer in decoder.hidden_layers:
+            h = h + nn.functional.elu(layer(h))
+        return decoder.output_layer(h) * (BOX * VOXEL_SIZE / 2)
+
+    with torch.no_grad():  # anchored: the output at z = 0 is subtracted
+        expected = naive(z) - naive(torch.zeros(1, LATENT_DIM))
+        assert torch.allclose(decoder(positions, z), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_prior_mean_code_never_moves_anything() -> None:
+    decoder = _decoder()
+    for p in decoder.parameters():
+        nn.init.normal_(p, std=0.3)
     with torch.no_grad():
-        assert torch.allclose(decoder(positions, z), naive, atol=1e-5, rtol=1e-5)
+        assert torch.equal(decoder(_positions(), torch.zeros(4, LATENT_DIM)),
+                           torch.zeros(4, 50, 3))
+        assert float(decoder(_positions(), torch.ones(1, LATENT_DIM)).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_forward_mode_tangents_match_autograd(with_mask: bool) -> None:
+    positions = _positions().double()
+    mask = positions[:, 0] > 0 if with_mask else None
+    decoder = _decoder(movable_mask=mask).double()
+    for p in decoder.parameters():
+        nn.init.normal_(p, std=0.3)
+    z = torch.randn(3, LATENT_DIM, dtype=torch.float64)
+    displacements, tangents = decoder.forward_with_tangents(positions, z)
+    torch.testing.assert_close(displacements, decoder(positions, z))
+    assert tangents.shape == (3, LATENT_DIM, 50, 3) and not tangents.requires_grad
+    jacobian = torch.autograd.functional.jacobian(lambda c: decoder(positions, c), z)
+    for k in range(LATENT_DIM):  # d(b, n, 3) / d z(b, k), particles independent
+        expected = torch.stack([jacobian[b, :, :, b, k] for b in range(3)])
+        torch.testing.assert_close(tangents[:, k], expected)
+    if with_mask:
+        assert torch.equal(tangents[:, :, ~mask], torch.zeros_like(tangents[:, :, ~mask]))
 
 
 def test_movable_mask_zeroes_displacement_outside() -> None:

@@ -11,7 +11,6 @@ import torch
 from dynamight_core import latent_analysis as la
 from dynamight_core.decoder import DeformationDecoder
 from dynamight_core.deformation_model import DeformationModel
-from dynamight_core.encoder import ImageEncoder
 from dynamight_core.gaussian_model import GaussianModel
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from dynamight_core.rotation import euler_to_matrix
@@ -30,8 +29,7 @@ def tiny_model(seed: int = 0, movable: torch.Tensor | None = None) -> Deformatio
     with torch.no_grad():
         decoder.output_layer.weight.normal_(0.0, 0.3, generator=g)
         decoder.output_layer.bias.normal_(0.0, 0.05, generator=g)
-    encoder = ImageEncoder(BOX, LATENT, n_neurons=8, n_layers=1)
-    return DeformationModel(gaussians, encoder, decoder, BOX, PIXEL).eval()
+    return DeformationModel(gaussians, decoder, BOX, PIXEL).eval()
 
 
 def test_colouring_names_match_the_display_table():

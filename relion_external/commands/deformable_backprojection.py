@@ -1,9 +1,9 @@
 """Deformed weighted backprojection: two half maps in the consensus frame, deformations undone.
 
 OUTPUT_DIR is the output directory of optimize-deformations. Each half set is reconstructed
-with its own networks only: every particle of the half (its validation particles included) is
-encoded by that half's encoder (mean latent code), its Gaussian displacements from that half's
-decoder become a displacement field on a coarse grid (--grid-size nodes per axis), and the
+with its own model only: every particle of the half (its validation particles included) has the
+latent code that half's training inferred for it (as in particles.star), its Gaussian
+displacements from that half's decoder become a displacement field on a coarse grid (--grid-size nodes per axis), and the
 particle's CTF-weighted image is backprojected along the deformed rays into the consensus frame
 and divided by the summed CTF² (dynamight_core.deformed_backprojection).
 

@@ -4,7 +4,8 @@ A Gaussian pseudo-atomic model is fitted to the consensus map (--initial-model);
 start from this same model and are then trained independently (own networks, optimiser, noise
 spectrum and random generators). A held-out validation subset (--validation-fraction, from both
 halves, fixed by --seed) is used by neither half for training; after training both halves'
-encoders and decoders are applied to it and the disagreement |d1 - d2| (Å) is reported.
+models infer its latent codes and the disagreement of their deformations |d1 - d2| (Å) is
+reported.
 
 Outputs (in --output-directory): forward_deformations/checkpoints/NNN.pth (every
 --checkpoint-interval epochs) and checkpoint_final.pth, forward_deformations/volumes/
@@ -77,6 +78,8 @@ def add_args(p) -> None:
     p.add_argument("--early-stopping-patience", type=int, default=10,
                    help="stop when the held-out (validation) residual has not improved for this "
                         "many joint epochs; 0 = always run --n-epochs")
+    p.add_argument("--early-stopping-min-epochs", type=int, default=15,
+                   help="never stop early before this many joint epochs")
     p.add_argument("--early-stopping-min-fraction", type=float, default=0.01,
                    help="an epoch improves when it beats the best held-out residual by more "
                         "than this fraction of the total improvement so far")
@@ -151,8 +154,10 @@ def _new_run(args, particles, device):
             consensus_update_interval=args.consensus_update_interval,
             learning_rate=args.learning_rate, seed=args.seed,
             decoder_precision=resolve_decoder_precision(args.decoder_precision, device))
-        train = np.flatnonzero((particles.half_set.numpy() == half) & ~validation.numpy())
-        trainer = HalfSetTrainer(half, config, gaussians, train, device, movable)
+        members = particles.half_set.numpy() == half
+        train = np.flatnonzero(members & ~validation.numpy())
+        held = np.flatnonzero(members & validation.numpy())
+        trainer = HalfSetTrainer(half, config, gaussians, train, device, movable, held)
         trainer.initialise_noise(_batches(particles, train[:512], args.batch_size, device,
                                           _NoAbort()))
         trainers[half] = trainer
@@ -232,16 +237,20 @@ def main(args, control) -> None:
                                         preload=args.preload_images)
     resume_from = (Path(args.checkpoint_file) if args.checkpoint_file
                    else latest_checkpoint(fwd / "checkpoints"))
-    stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_fraction)
-    stopped_early = False
+    stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_fraction,
+                             args.early_stopping_min_epochs)
+    stopped_early = latents_final = False
     if resume_from is not None:
         trainers, validation, epoch, half_set, saved = _resume(resume_from, particles, device)
         particles = particles.with_half_set(half_set)
         _warn_about_changed_settings(args, saved["config"], resume_from)
         if "early_stopping" in saved:
             stopping.load_state_dict({k: v for k, v in saved["early_stopping"].items()
-                                      if k not in ("patience", "min_fraction")})
+                                      if k not in ("patience", "min_fraction", "min_epochs")})
         stopped_early = bool(saved.get("stopped_early", False)) and args.early_stopping_patience > 0
+        # codes finalised for exactly this model (a finished run rerun): keep them
+        latents_final = all(t.final_latents is not None for t in trainers.values()) and (
+            stopped_early or epoch >= args.n_epochs)
         if stopped_early:
             logger.info("training stopped early at epoch %d (held-out residual best at epoch "
                         "%d); not training further (--early-stopping-patience 0 continues to "
@@ -294,11 +303,26 @@ def main(args, control) -> None:
                             _checkpoint_state(args, trainers, validation, particles.half_set,
                                               epoch, stopping, stopped_early))
             _write_volumes(fwd / "volumes", trainers, epoch, particles)
+    if not latents_final:
+        _finalise_latents(args, particles, trainers, device, control)
     save_checkpoint(fwd / "checkpoints" / "checkpoint_final.pth",
                     _checkpoint_state(args, trainers, validation, particles.half_set, epoch,
                                       stopping, stopped_early))
     _log_consensus_agreement(trainers)
     _write_particles(out, args, particles, star, trainers, validation, device, control)
+
+
+def _finalise_latents(args, particles, trainers, device, control) -> None:
+    """Every particle's code under the final model of its half (two damped Gauss-Newton steps
+    from its stored code), stored in the trainers: what particles.star, the checkpoint and the
+    later stages use."""
+    t0 = time.time()
+    half_set = particles.half_set.numpy()
+    for half, trainer in trainers.items():
+        members = np.flatnonzero(half_set == half)
+        trainer.finalise_latents(_batches(particles, members, args.batch_size, device, control))
+    logger.info("latent codes of all %d particles under the final models (%.0f s)",
+                len(particles), time.time() - t0)
 
 
 def _log_consensus_agreement(trainers) -> None:
@@ -318,12 +342,13 @@ def _write_particles(out, args, particles, star, trainers, validation, device, c
     half_set = particles.half_set.numpy()
     for half, trainer in trainers.items():
         members = np.flatnonzero(half_set == half)
-        idx, mu = trainer.encode(_batches(particles, members, args.batch_size, device, control))
-        latents[idx] = mu
+        latents[members] = trainer.stored_latents(members).cpu().numpy()
     error = np.full(n, -1.0)
     held = np.flatnonzero(validation.numpy())
     per_particle, idx, per_gaussian = deformation_error(
         trainers[1].model, trainers[2].model,
+        trainers[1].latents_for,
+        trainers[2].latents_for,
         _batches(particles, held, args.batch_size, device, control))
     error[idx] = np.where(np.isfinite(per_particle), per_particle, -1.0)
     if per_particle.size:

@@ -2,8 +2,8 @@
 viewer and the headless actions both work on (no Qt here).
 
 ``--half-set 1`` or ``2``: that half's particles (validation ones included) at the latent codes
-of that half's encoder, taken from ``OUTPUT_DIR/particles.star`` when it belongs to the final
-checkpoint, otherwise computed. ``--half-set 0``: the validation particles (trained by neither
+of that half's model, taken from ``OUTPUT_DIR/particles.star`` when it belongs to the final
+checkpoint, otherwise from the checkpoint. ``--half-set 0``: the validation particles (trained by neither
 half) seen through both halves: each is embedded by its two codes ``(z1, z2)`` side by side;
 maps show half 1's model at ``z1`` and the arrows are coloured by ``|d1(z1) - d2(z2)|`` per
 Gaussian.
@@ -288,7 +288,7 @@ class ExplorerSession:
 
 def encode(run: ForwardRun, half: int, rows: np.ndarray, *, batch_size: int = 256,
            control=None) -> np.ndarray:  # (m, d)
-    """Mean latent codes of the particles ``rows`` under ``half``'s encoder."""
+    """Latent codes of the particles ``rows`` under ``half``'s model (:meth:`ForwardRun.latents`)."""
     d = run.models[half].decoder.latent_dim
     out = np.zeros((len(rows), d))
     done = 0
@@ -371,6 +371,8 @@ def open_session(
             rng = np.random.default_rng(0)
             chosen = np.sort(rng.choice(validation, max_error_particles, replace=False))
         _, _, per_gaussian = deformation_error(run.models[1], run.models[2],
+                                               lambda batch: run.latents(1, batch),
+                                               lambda batch: run.latents(2, batch),
                                                run.batches(chosen, 64, control))
         logger.info("per-Gaussian deformation error from %d validation particles: mean %.3f Å, "
                     "max %.3f Å", chosen.size, float(per_gaussian.mean()),
