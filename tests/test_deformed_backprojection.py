@@ -261,7 +261,6 @@ def test_grid_size_follows_the_gaussian_density():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(moving_data):
     idx = np.arange(40)
     cpu = backproject(moving_data, idx, batch=16, grid_size=9)
