@@ -93,10 +93,10 @@ class TrainerConfig:
     n_neurons_per_layer: int = 32
     n_warmup_epochs: int = 0
     regularization_factor: float = 1.0
-    beta: float = 1.0
+    beta: float = 0.1  # KL weight: E(z) = NLL / beta + |z|² / 2
     consensus_update_interval: int = 5
     consensus_update_fraction: float = 0.1
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     gaussian_learning_rate: float = 1e-2
     repulsion_distance: float = 0.0  # Å; 0 = half the mean neighbour distance of the start
     decoder_precision: str = "float32"  # or "bfloat16" (autocast; see device.py)
