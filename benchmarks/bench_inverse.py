@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time

@@ -2,9 +2,9 @@
 paths and regions in the embedding, and the deformed model (map and displacement vectors) of
 any latent point.
 
-Conventions: latents ``(n, d)`` are the encoders' mean codes; an embedding maps them to
-``(n, 2)`` coordinates ``(x, y)`` and back (:meth:`LatentEmbedding.to_latent`). Positions and
-displacements are xyz Å relative to the box centre; volumes are ``(z, y, x)``.
+Conventions: latents ``(n, d)`` are the particles' codes (posterior means); an embedding maps
+them to ``(n, 2)`` coordinates ``(x, y)`` and back (:meth:`LatentEmbedding.to_latent`).
+Positions and displacements are xyz Å relative to the box centre; volumes are ``(z, y, x)``.
 
 Embeddings:
   * PCA (default): ``coords = (z - mean) @ axes[:2].T``, so a 2D point maps back exactly onto

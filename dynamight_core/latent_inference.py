@@ -16,9 +16,10 @@ by Gauss-Newton steps ``z <- z + H⁻¹ (Jᴴ W r / beta - z)`` with ``H = Re(J�
 ``r = image - render(z)``, ``J = ∂render/∂z`` and ``W`` the noise weights of the likelihood
 (``1 / σ²`` per Fourier pixel, Hermitian multiplicity included, 0 beyond Nyquist). The
 Jacobian comes from the caller's linearisation (for the deformation model: the decoder's
-forward-mode derivatives, then one extra render per latent dimension; no backward pass). ``N(z, H⁻¹)`` is the posterior (Laplace approximation): the VAE's ``q(z | x)``,
-which is what minimising ``NLL + beta · KL`` over a Gaussian ``q`` gives for a model linear in
-``z`` around the optimum. Steps are damped where the model is not linear enough
+forward-mode derivatives, then one extra render per latent dimension; no backward pass).
+``N(z, H⁻¹)`` is the posterior (Laplace approximation): the VAE's ``q(z | x)``, which is what
+minimising ``NLL + beta · KL`` over a Gaussian ``q`` gives for a model linear in ``z`` around
+the optimum. Steps are damped where the model is not linear enough
 (Levenberg-Marquardt: a step that raises ``E`` is refused and the next one shortened) and never
 longer than ``max_step`` in latent units.
 """

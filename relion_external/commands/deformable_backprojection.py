@@ -3,9 +3,10 @@
 OUTPUT_DIR is the output directory of optimize-deformations. Each half set is reconstructed
 with its own model only: every particle of the half (its validation particles included) has the
 latent code that half's training inferred for it (as in particles.star), its Gaussian
-displacements from that half's decoder become a displacement field on a coarse grid (--grid-size nodes per axis), and the
-particle's CTF-weighted image is backprojected along the deformed rays into the consensus frame
-and divided by the summed CTF² (dynamight_core.deformed_backprojection).
+displacements from that half's decoder become a displacement field on a coarse grid
+(--grid-size nodes per axis), and the particle's CTF-weighted image is backprojected along the
+deformed rays into the consensus frame and divided by the summed CTF²
+(dynamight_core.deformed_backprojection).
 
 Writes OUTPUT_DIR/backprojection/map_half1.mrc and map_half2.mrc, fsc.star and fsc.png (the
 half-map FSC, unmasked, and masked with --mask-file), and prints the resolution at FSC = 0.143.

@@ -3,10 +3,10 @@ viewer and the headless actions both work on (no Qt here).
 
 ``--half-set 1`` or ``2``: that half's particles (validation ones included) at the latent codes
 of that half's model, taken from ``OUTPUT_DIR/particles.star`` when it belongs to the final
-checkpoint, otherwise from the checkpoint. ``--half-set 0``: the validation particles (trained by neither
-half) seen through both halves: each is embedded by its two codes ``(z1, z2)`` side by side;
-maps show half 1's model at ``z1`` and the arrows are coloured by ``|d1(z1) - d2(z2)|`` per
-Gaussian.
+checkpoint, otherwise from the checkpoint. ``--half-set 0``: the validation particles (trained
+by neither half) seen through both halves: each is embedded by its two codes ``(z1, z2)`` side
+by side; maps show half 1's model at ``z1`` and the arrows are coloured by
+``|d1(z1) - d2(z2)|`` per Gaussian.
 
 Outputs go to ``OUTPUT_DIR/latent_space/`` (maps, movies, plots) and
 ``OUTPUT_DIR/subsets/subset_N.star``.
@@ -186,8 +186,8 @@ class ExplorerSession:
             out[held] = np.where(values[held] >= 0, values[held], np.nan)
             return out
         rows = self.indices[held]
-        z1 = encode(self.run, 1, rows)
-        z2 = encode(self.run, 2, rows)
+        z1 = latent_codes(self.run, 1, rows)
+        z2 = latent_codes(self.run, 2, rows)
         out[held] = la.half_set_disagreement(self.run.models[1], self.run.models[2], z1, z2,
                                              gaussian_indices=self.gaussian_indices)
         return out
@@ -286,9 +286,10 @@ class ExplorerSession:
 # opening a run
 
 
-def encode(run: ForwardRun, half: int, rows: np.ndarray, *, batch_size: int = 256,
+def latent_codes(run: ForwardRun, half: int, rows: np.ndarray, *, batch_size: int = 256,
            control=None) -> np.ndarray:  # (m, d)
-    """Latent codes of the particles ``rows`` under ``half``'s model (:meth:`ForwardRun.latents`)."""
+    """Latent codes of the particles ``rows`` under ``half``'s model
+    (:meth:`ForwardRun.latents`)."""
     d = run.models[half].decoder.latent_dim
     out = np.zeros((len(rows), d))
     done = 0
@@ -352,14 +353,14 @@ def open_session(
     other, stored = None, False
     if half_set == 0:
         logger.info("encoding the %d validation particles with both halves", rows.size)
-        latents = encode(run, 1, rows, control=control)
-        other = encode(run, 2, rows, control=control)
+        latents = latent_codes(run, 1, rows, control=control)
+        other = latent_codes(run, 2, rows, control=control)
     else:
         latents = _stored_latents(run, star, rows, latent_dim)
         if latents is None:
-            logger.info("encoding the %d particles of half %d (%s)", rows.size, half_set,
+            logger.info("latent codes of the %d particles of half %d from %s", rows.size, half_set,
                         run.checkpoint_path.name)
-            latents = encode(run, half_set, rows, control=control)
+            latents = latent_codes(run, half_set, rows, control=control)
         else:
             stored = True
             logger.info("latent codes of the %d particles of half %d from %s", rows.size,
@@ -391,6 +392,6 @@ __all__ = [
     "SUBSET_FOLDER",
     "ExplorerSession",
     "LatentPoint",
-    "encode",
+    "latent_codes",
     "open_session",
 ]
