@@ -105,6 +105,9 @@ def test_bad_output_directory_fails_clearly(tmp_path, capsys):
 
 
 def test_halves_share_no_model(trained, monkeypatch):
+    """Gold standard by value: each half's map depends on that half's model and codes only.
+    Wrecking half 2 leaves half 1's map bit for bit as it was and changes half 2's own map (and
+    the other way round); every particle of the half is used, validation ones included."""
     _, job = trained
     run = load_forward_run(job)
     storage = {half: {p.untyped_storage().data_ptr() for p in run.models[half].parameters()}
@@ -112,10 +115,19 @@ def test_halves_share_no_model(trained, monkeypatch):
     assert not storage[1] & storage[2]
     assert (run.models[1].gaussians.positions.untyped_storage().data_ptr()
             != run.models[2].gaussians.positions.untyped_storage().data_ptr())
-    before = backproject_half(run, 1, batch_size=40, grid_size=9)
-    with torch.no_grad():  # wreck half 2: half 1's map must not notice
-        for p in run.models[2].parameters():
-            p.add_(torch.randn_like(p))
+    before = {h: backproject_half(run, h, batch_size=40, grid_size=9) for h in (1, 2)}
+    for wrecked, kept in ((2, 1), (1, 2)):
+        run = load_forward_run(job)
+        with torch.no_grad():
+            for p in run.models[wrecked].decoder.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            trainer = run.trainers[wrecked]
+            trainer.final_latents = trainer.stored_latents(trainer.known_indices) + 1.0
+        assert torch.equal(backproject_half(run, kept, batch_size=40, grid_size=9),
+                           before[kept])
+        changed = backproject_half(run, wrecked, batch_size=40, grid_size=9)
+        assert float((changed - before[wrecked]).abs().max()) > 1e-3 * float(
+            before[wrecked].abs().max())
     seen = []
 
     class Counting(command.DeformedBackprojector):
@@ -124,9 +136,23 @@ def test_halves_share_no_model(trained, monkeypatch):
             super().add(images, *args, **kwargs)
 
     monkeypatch.setattr(command, "DeformedBackprojector", Counting)
-    after = backproject_half(run, 1, batch_size=40, grid_size=9)
-    torch.testing.assert_close(after, before)
-    # every particle of half 1 is used, its validation particles included; the last batch too
+    backproject_half(run, 1, batch_size=40, grid_size=9)
     in_half = run.half_set == 1
     assert (run.validation.numpy() & in_half).any()
     assert sum(seen) == int(in_half.sum()) and len(seen) == -(-int(in_half.sum()) // 40)
+
+
+def test_codes_used_are_the_ones_written_to_particles_star(trained):
+    """The backprojection reads each particle's code from its own half (as written to
+    particles.star); the other half's model infers different codes for the same images."""
+    _, job = trained
+    run = load_forward_run(job)
+    table = starfile.read(job / "particles.star")["particles"]
+    written = table[["rlnDynaMightLatent1", "rlnDynaMightLatent2"]].to_numpy()
+    for half in (1, 2):
+        rows = np.flatnonzero(run.half_set == half)[:30]
+        batch = next(iter(run.batches(rows, 30)))
+        own = run.latents(half, batch).cpu().numpy()
+        np.testing.assert_allclose(own, written[rows], rtol=1e-5, atol=1e-6)
+        other = run.latents(3 - half, batch).cpu().numpy()
+        assert np.abs(other - own).max() > 1e-3
