@@ -3,11 +3,14 @@
 
 Particles are simulated in memory (the hinged test structure, random poses, CTFs and shifts,
 SNR 0.1); a Gaussian model with ``--n-gaussians`` Gaussians is placed in its consensus map; one
-half-set trainer runs one warm-up epoch (not timed) and then ``--epochs`` joint epochs (encoder,
-decoder, regularisation, backward, Adam) that are timed. One line per box: particles/s (particle
-updates per second, the number the reference's 18–20 particles/s at box 64 compares with),
-seconds per epoch and CPU seconds per particle, with the decoder in ``--decoder-precision``
-(auto: bfloat16 where the hardware computes it natively, as the command does). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's maximum RSS on CPU.
+half-set trainer runs one warm-up epoch (not timed) and then ``--epochs`` joint epochs that are
+timed: per batch the Gauss-Newton step of the latent codes (decoder with forward-mode
+derivatives, one extra render per latent dimension), the posterior draw, decoder and projection
+forward, regularisation, backward and Adam. One line per box: particles/s (particle updates per
+second), seconds per epoch and CPU seconds per particle, with the decoder in
+``--decoder-precision`` (auto: bfloat16 where the hardware computes it natively, as the command
+does). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's maximum RSS on
+CPU.
 
 Example::
 
