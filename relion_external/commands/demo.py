@@ -14,8 +14,9 @@ is the real command, so the output folder holds a complete run: ``data/`` and
 particles.star), ``comparison.star`` (the FSC curves) and ``comparison.png`` (FSC against the
 truth in the moving region, and central slices of the true, consensus and deformed maps).
 
-The demo's dataset is smaller than real data so that it runs in minutes on two CPU cores (box
-48 at 2 Å/px, 4,000 particles, 3,000 Gaussians); options change any of it.
+The demo is smaller than a real run so that it takes minutes on two CPU cores: box 48 at 2 Å/px,
+4,000 particles, 3,000 Gaussians and a budget of 20 training epochs (the command's own default
+is up to 50, ended by early stopping); options change any of it.
 
 Example:
   dynamight demo --output-directory demo_output
@@ -46,8 +47,8 @@ def add_args(p) -> None:
     p.add_argument("--pixel-size", type=float, default=2.0, help="Å per pixel")
     p.add_argument("--snr", type=float, default=0.05)
     p.add_argument("--n-gaussians", type=int, default=3000)
-    p.add_argument("--n-epochs", type=int, default=None,
-                   help="optimize-deformations epochs (default: the command's)")
+    p.add_argument("--n-epochs", type=int, default=20,
+                   help="optimize-deformations epochs at most (0: the command's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-threads", type=int, default=2)
     p.add_argument("--gpu-id", default=None)
@@ -99,7 +100,8 @@ def main(args, control) -> None:
         ("optimize-deformations", optimize_deformations, (), dict(
             refinement_star_file=data / "particles.star",
             initial_model=data / "consensus_map.mrc", output_directory=job,
-            n_gaussians=args.n_gaussians, n_epochs=args.n_epochs, n_threads=args.n_threads,
+            n_gaussians=args.n_gaussians, n_epochs=args.n_epochs or None,
+            n_threads=args.n_threads,
             gpu_id=args.gpu_id, seed=args.seed)),
         ("optimize-inverse-deformations", optimize_inverse_deformations, (job,), dict(
             n_threads=args.n_threads, gpu_id=args.gpu_id)),
