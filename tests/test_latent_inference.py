@@ -11,12 +11,12 @@ import torch
 from dynamight_core.latent_inference import (
     finite_difference_linearisation, infer_latents, likelihood_pixel_weights, posterior_kl,
     sample_posterior)
+from dynamight_core.noise_model import RadialNoiseEstimate
 
 
 def infer(render, z0, image, weights, n_steps, **kwargs):
     return infer_latents(finite_difference_linearisation(render), z0, image, weights, n_steps,
                          **kwargs)
-from dynamight_core.noise_model import RadialNoiseEstimate
 
 BOX, D, B = 8, 2, 5
 
