@@ -40,25 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import score  # noqa: E402
 
-from dynamight_core.fourier_grids import (  # noqa: E402
-    irfftn_centered_3d,
-    radial_shell_index_3d_rfft,
-    rfftn_centered_3d,
-)
-from dynamight_core.fsc import fsc  # noqa: E402
+from dynamight_core.fsc import filter_shells, fsc  # noqa: E402
 from dynamight_core.gaussian_projection import render_gaussians_3d  # noqa: E402
 from relion_external.cli import main as dynamight  # noqa: E402
 from relion_external.commands import optimize_deformations as od  # noqa: E402
 from relion_external.commands import simulate as sim  # noqa: E402
 from relion_external.map_io import read_map  # noqa: E402
-
-
-def _shell_filter(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    box = volume.shape[-1]
-    ft = rfftn_centered_3d(volume.to(torch.float64))
-    shells = radial_shell_index_3d_rfft(box, ft.device).clamp_max(box // 2 + 1)
-    per_voxel = torch.cat([weight.to(torch.float64), weight.new_zeros(1, dtype=torch.float64)])
-    return irfftn_centered_3d(ft * per_voxel[shells], box).to(volume.dtype)
 
 
 def _independent_consensus(root: Path, out: Path) -> Path:
@@ -88,7 +75,7 @@ def _fit_each_half_to_its_own_map(root: Path) -> None:
     halves = {h: read_map(root / "rigid" / f"map_half{h}.mrc")[0] for h in (1, 2)}
     weight = fsc(halves[1], halves[2]).clamp(0.0, 1.0)
     weight[0] = 1.0
-    targets = {h: _shell_filter(halves[h], weight) for h in (1, 2)}
+    targets = {h: filter_shells(halves[h], weight) for h in (1, 2)}
     real_fit, real_trainer, unfitted = od.fit_gaussians_to_map, od.HalfSetTrainer, {}
 
     def remember_then_fit(model, volume, voxel, n_steps, render):

@@ -33,19 +33,30 @@ def fsc(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:  # (box // 2 + 
     return out
 
 
+def combined_map_fsc(curve: torch.Tensor) -> torch.Tensor:
+    """``sqrt(2 FSC / (1 + FSC))`` (0 where the FSC is not positive): the FSC with the truth that
+    a half-map FSC implies for the average of the two halves."""
+    positive = curve.clamp_min(0.0)
+    return torch.sqrt(2 * positive / (1 + positive))
+
+
+def filter_shells(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``volume`` with each Fourier shell 0..box//2 scaled by ``weight`` (0 beyond)."""
+    box = volume.shape[-1]
+    ft = rfftn_centered_3d(volume.to(torch.float64))
+    shells = radial_shell_index_3d_rfft(box, ft.device).clamp_max(box // 2 + 1)
+    per_voxel = torch.cat([weight.to(torch.float64), weight.new_zeros(1, dtype=torch.float64)])
+    return irfftn_centered_3d(ft * per_voxel[shells], box).to(volume.dtype)
+
+
 def fsc_weighted_average(half1: torch.Tensor, half2: torch.Tensor) -> torch.Tensor:
-    """The average of two half maps with each shell scaled by ``sqrt(2 FSC / (1 + FSC))`` (0
-    where the FSC is not positive): the figure-of-merit weighting of the combined map, the
-    kind of low-pass a consensus refinement's map has seen."""
-    box = half1.shape[-1]
-    curve = fsc(half1, half2).clamp_min(0.0)
-    weight = torch.sqrt(2 * curve / (1 + curve))
+    """The average of two half maps with each shell scaled by :func:`combined_map_fsc` of their
+    FSC: the figure-of-merit weighting of the combined map, the kind of low-pass a consensus
+    refinement's map has seen."""
+    weight = combined_map_fsc(fsc(half1, half2))
     weight[0] = 1.0
     average = 0.5 * (half1 + half2).to(torch.float64)
-    ft = rfftn_centered_3d(average)
-    shells = radial_shell_index_3d_rfft(box, ft.device).clamp_max(box // 2 + 1)
-    per_voxel = torch.cat([weight, weight.new_zeros(1)])[shells]
-    return irfftn_centered_3d(ft * per_voxel, box).to(half1.dtype)
+    return filter_shells(average, weight).to(half1.dtype)
 
 
 def shell_resolution_angstrom(box_size: int, pixel_size: float) -> torch.Tensor:

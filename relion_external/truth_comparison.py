@@ -29,7 +29,7 @@ import pandas as pd
 import starfile
 import torch
 
-from dynamight_core.fsc import fsc, resolution_at_threshold
+from dynamight_core.fsc import combined_map_fsc, fsc, resolution_at_threshold
 from dynamight_core.quality_scores import gap_closed, knn_r2
 
 from .map_io import read_map
@@ -46,13 +46,8 @@ class TruthComparison:
     voxel: float = 1.0
 
 
-def _average(folder: Path) -> torch.Tensor:
-    return 0.5 * (read_map(folder / "map_half1.mrc")[0] + read_map(folder / "map_half2.mrc")[0])
-
-
-def _half_fsc(folder: Path, mask: torch.Tensor) -> torch.Tensor:
-    return fsc(read_map(folder / "map_half1.mrc")[0] * mask,
-               read_map(folder / "map_half2.mrc")[0] * mask)
+def _halves(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    return read_map(folder / "map_half1.mrc")[0], read_map(folder / "map_half2.mrc")[0]
 
 
 def _particles(path: Path) -> pd.DataFrame:
@@ -72,7 +67,8 @@ def compare_with_truth(data: Path, maps: dict[str, Path],
     box = reference.shape[-1]
     curves: dict[str, np.ndarray] = {}
     scores: dict = {}
-    averages = {name: _average(folder) for name, folder in maps.items()}
+    halves = {name: _halves(folder) for name, folder in maps.items()}
+    averages = {name: 0.5 * (h1 + h2) for name, (h1, h2) in halves.items()}
     for region, region_mask in regions.items():
         for name, average in averages.items():
             curve = fsc(average * region_mask, reference * region_mask)
@@ -84,11 +80,11 @@ def compare_with_truth(data: Path, maps: dict[str, Path],
             scores["moving_area_upper"]), 3)
     scores["static_area_change"] = round(scores["static_area_deformed"]
                                          - scores["static_area_rigid"], 4)
-    for name, folder in maps.items():
-        half = _half_fsc(folder, mask)
+    for name, (half1, half2) in halves.items():
+        half = fsc(half1 * mask, half2 * mask)
         curves[f"{name}_half_maps_masked"] = half.numpy()
         scores[f"half_map_resolution_{name}"] = round(resolution_at_threshold(half, box, voxel), 2)
-        claimed = torch.sqrt(2 * half.clamp_min(0) / (1 + half.clamp_min(0)))
+        claimed = combined_map_fsc(half)
         static = torch.from_numpy(curves[f"{name}_vs_truth_static"])
         scores[f"claim_excess_{name}"] = round(float((claimed - static)[1:].max()), 3)
     if particles_star is not None:
