@@ -22,6 +22,12 @@ minimising ``NLL + beta · KL`` over a Gaussian ``q`` gives for a model linear i
 the optimum. Steps are damped where the model is not linear enough
 (Levenberg-Marquardt: a step that raises ``E`` is refused and the next one shortened) and never
 longer than ``max_step`` in latent units.
+
+Every function also takes a per-particle isotropic prior ``N(m, I / p)`` instead of ``N(0, I)``
+(``prior_mean`` m (b, d), ``prior_precision`` p (b,)): ``½ |z|²`` becomes ``½ p |z - m|²``, the
+descent direction ``Jᴴ W r / beta - p (z - m)`` and ``H = Re(Jᴴ W J) / beta + p I``. The temporal
+prior of tracked particles (:mod:`.temporal_prior`) is such a prior, conditioned on the codes of
+each particle's neighbours in time.
 """
 
 from __future__ import annotations
@@ -50,11 +56,24 @@ def _weighted_inner(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> 
     return (weights * (a.real * b.real + a.imag * b.imag)).sum((-2, -1))
 
 
+Prior = tuple[torch.Tensor, torch.Tensor] | None
+"""``(prior_mean (b, d), prior_precision (b,))`` of ``N(m, I / p)``; ``None`` is ``N(0, I)``."""
+
+
+def _prior_terms(z: torch.Tensor, prior: Prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z - m, p[:, None])`` of the prior (``(z, 1)`` for ``N(0, I)``)."""
+    if prior is None:
+        return z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
+    mean, precision = prior
+    return z - mean, precision.reshape(-1, 1).to(z.dtype)
+
+
 def _energy(model: torch.Tensor, image_rfft: torch.Tensor, pixel_weights: torch.Tensor,
-            z: torch.Tensor, beta: float) -> torch.Tensor:  # (b,)
+            z: torch.Tensor, beta: float, prior: Prior = None) -> torch.Tensor:  # (b,)
     diff = model - image_rfft
+    offset, p = _prior_terms(z, prior)
     return (0.5 / beta * (pixel_weights * (diff.real**2 + diff.imag**2)).sum((-2, -1))
-            + 0.5 * (z**2).sum(-1))
+            + 0.5 * (p * offset**2).sum(-1))
 
 
 Linearisation = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -83,14 +102,17 @@ def gauss_newton_system(
     image_rfft: torch.Tensor,  # (b, h, w) complex
     pixel_weights: torch.Tensor,  # (h, w) likelihood_pixel_weights
     beta: float = 1.0,
+    prior: Prior = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # -grad E (b, d), precision H (b, d, d)
     """The Gauss-Newton system of ``E`` at ``z`` (module docstring): the descent direction
-    ``Jᴴ W r / beta - z`` and ``H = Re(Jᴴ W J) / beta + I``."""
+    ``Jᴴ W r / beta - p (z - m)`` and ``H = Re(Jᴴ W J) / beta + p I`` (``m = 0, p = 1``
+    without a ``prior``)."""
     eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    offset, p = _prior_terms(z, prior)
     residual = image_rfft - model
-    descent = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta - z
+    descent = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta - p * offset
     precision = _weighted_inner(jacobian[:, :, None], jacobian[:, None], pixel_weights) / beta
-    return descent, 0.5 * (precision + precision.transpose(-1, -2)) + eye
+    return descent, 0.5 * (precision + precision.transpose(-1, -2)) + p[..., None] * eye
 
 
 def gauss_newton_step(
@@ -120,6 +142,7 @@ def infer_latents(
     *,
     beta: float = 1.0,
     max_step: float = 1.0,
+    prior: Prior = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # mean (b, d), precision (b, d, d)
     """``n_steps`` (≥ 1) damped Gauss-Newton steps from ``z0`` (Levenberg-Marquardt: a step
     that does not lower ``E`` is not taken and the next one is damped, ``H + λ diag H``):
@@ -127,21 +150,22 @@ def infer_latents(
     the start."""
     z = z0
     model, jacobian = linearise(z)
-    energy = _energy(model, image_rfft, pixel_weights, z, beta)
+    energy = _energy(model, image_rfft, pixel_weights, z, beta, prior)
     damping = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     for _ in range(max(1, int(n_steps))):
         descent, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights,
-                                                 beta)
+                                                 beta, prior)
         trial = gauss_newton_step(z, descent, precision, max_step, damping)
         trial_model, trial_jacobian = linearise(trial)
-        trial_energy = _energy(trial_model, image_rfft, pixel_weights, trial, beta)
+        trial_energy = _energy(trial_model, image_rfft, pixel_weights, trial, beta, prior)
         better = trial_energy <= energy
         z = torch.where(better[:, None], trial, z)
         model = torch.where(better[:, None, None], trial_model, model)
         jacobian = torch.where(better[:, None, None, None], trial_jacobian, jacobian)
         energy = torch.where(better, trial_energy, energy)
         damping = torch.where(better, 0.1 * damping, torch.clamp(10.0 * damping, min=0.1))
-    _, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights, beta)
+    _, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights, beta,
+                                       prior)
     return z, precision
 
 
@@ -160,14 +184,18 @@ def sample_posterior(
 def posterior_kl(
     mean: torch.Tensor,  # (b, d)
     precision: torch.Tensor,  # (b, d, d)
+    prior: Prior = None,
 ) -> torch.Tensor:  # (b,) nats
-    """``KL(N(mean, precision⁻¹) || N(0, I))``."""
+    """``KL(N(mean, precision⁻¹) || N(m, I / p))`` (the prior ``N(0, I)`` by default)."""
     d = mean.shape[-1]
+    offset, p = _prior_terms(mean, prior)
+    p = p[:, 0]
     covariance = torch.linalg.inv(precision)
     trace = torch.diagonal(covariance, dim1=-2, dim2=-1).sum(-1)
-    return 0.5 * (trace + (mean**2).sum(-1) - d + torch.logdet(precision))
+    return 0.5 * (p * trace + p * (offset**2).sum(-1) - d + torch.logdet(precision)
+                  - d * torch.log(p))
 
 
-__all__ = ["Linearisation", "finite_difference_linearisation", "gauss_newton_step",
+__all__ = ["Linearisation", "Prior", "finite_difference_linearisation", "gauss_newton_step",
            "gauss_newton_system", "infer_latents", "likelihood_pixel_weights", "posterior_kl",
            "sample_posterior"]

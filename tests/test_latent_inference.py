@@ -21,8 +21,11 @@ def infer(render, z0, image, weights, n_steps, **kwargs):
 BOX, D, B = 8, 2, 5
 
 
-def _linear_problem(seed=0, beta=1.0):
-    """render(z) = a + Σ_k z_k basis_k (complex rfft images) and its exact MAP / precision."""
+def _linear_problem(seed=0, beta=1.0, prior_mean=None, prior_precision=None):
+    """render(z) = a + Σ_k z_k basis_k (complex rfft images) and its exact MAP / precision
+    under the prior N(prior_mean, I / prior_precision) (default N(0, I))."""
+    m = np.zeros((B, D)) if prior_mean is None else prior_mean.double().numpy()
+    pp = np.ones(B) if prior_precision is None else prior_precision.double().numpy()
     g = torch.Generator().manual_seed(seed)
     shape = (BOX, BOX // 2 + 1)
     a = torch.complex(torch.randn(B, *shape, generator=g), torch.randn(B, *shape, generator=g))
@@ -34,7 +37,8 @@ def _linear_problem(seed=0, beta=1.0):
     def render(z):
         return a + (z[:, :, None, None] * basis).sum(1)
 
-    # independent closed form in float64 numpy: minimise Σ W |a + Bz - y|² / (2 beta) + |z|²/2
+    # independent closed form in float64 numpy:
+    # minimise Σ W |a + Bz - y|² / (2 beta) + p |z - m|² / 2
     mean, precision = [], []
     w = weights.double().numpy().ravel()
     for p in range(B):
@@ -44,8 +48,8 @@ def _linear_problem(seed=0, beta=1.0):
         res = (image[p] - a[p]).reshape(-1).to(torch.complex128).numpy()
         r = np.concatenate([res.real, res.imag])
         ww = np.concatenate([w, w])
-        h = jac.T @ (ww[:, None] * jac) / beta + np.eye(D)
-        mean.append(np.linalg.solve(h, jac.T @ (ww * r) / beta))
+        h = jac.T @ (ww[:, None] * jac) / beta + pp[p] * np.eye(D)
+        mean.append(np.linalg.solve(h, jac.T @ (ww * r) / beta + pp[p] * m[p]))
         precision.append(h)
     return render, image, weights, np.array(mean), np.array(precision)
 
@@ -57,6 +61,23 @@ def test_one_step_on_a_linear_renderer_is_the_exact_posterior(beta):
     z, h = infer(render, z0, image, weights, 1, beta=beta, max_step=1e9)
     np.testing.assert_allclose(z.numpy(), mean, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(h.numpy(), precision, rtol=1e-3, atol=1e-3)
+
+
+def test_a_per_particle_prior_gives_the_exact_posterior_of_that_prior():
+    g = torch.Generator().manual_seed(7)
+    prior_mean = torch.randn(B, D, generator=g)
+    prior_precision = torch.rand(B, generator=g) * 5 + 0.2
+    render, image, weights, mean, precision = _linear_problem(
+        seed=3, beta=0.5, prior_mean=prior_mean, prior_precision=prior_precision)
+    z, h = infer(render, torch.zeros(B, D), image, weights, 1, beta=0.5, max_step=1e9,
+                 prior=(prior_mean, prior_precision))
+    np.testing.assert_allclose(z.numpy(), mean, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(h.numpy(), precision, rtol=1e-3, atol=1e-3)
+    # where the image says nothing, the code is the prior mean and H the prior precision
+    z, h = infer(render, torch.zeros(B, D), image, torch.zeros_like(weights), 1,
+                 max_step=1e9, prior=(prior_mean, prior_precision))
+    torch.testing.assert_close(z, prior_mean)
+    torch.testing.assert_close(h, prior_precision[:, None, None] * torch.eye(D))
 
 
 def test_later_steps_stay_at_the_optimum_and_steps_are_capped():
@@ -109,6 +130,13 @@ def test_kl_matches_the_closed_form_of_torch_distributions():
     torch.testing.assert_close(posterior_kl(mean, precision),
                                torch.distributions.kl_divergence(q, p))
     assert float(posterior_kl(torch.zeros(1, 3), torch.eye(3)[None])) == pytest.approx(0, abs=1e-6)
+    # against a per-particle prior N(m, I / p)
+    m = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    pp = torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.1
+    prior = torch.distributions.MultivariateNormal(
+        m, covariance_matrix=torch.eye(3, dtype=torch.float64) / pp[:, None, None])
+    torch.testing.assert_close(posterior_kl(mean, precision, (m, pp)),
+                               torch.distributions.kl_divergence(q, prior))
 
 
 def test_posterior_draws_have_the_posterior_moments():
