@@ -17,7 +17,10 @@ towards the posterior mode, and the decoder trains on a draw from the new poster
 EM with a Laplace posterior instead of an encoder network. Codes of validation
 particles (never trained on) and of particles the trainer does not know are inferred with the
 model fixed (:meth:`HalfSetTrainer.infer`: damped Gauss-Newton steps, ``inference_steps`` from
-0).
+0). With :meth:`HalfSetTrainer.set_tracks` (time series), the prior of a tracked particle's
+code is its temporal prior given the stored codes of its neighbours in time
+(:mod:`dynamight_core.temporal_prior`), and the correlation time is refitted after every joint
+epoch from the training particles' posteriors.
 
 Schedule (epochs counted from 0):
 
@@ -75,6 +78,7 @@ from .noise_model import RadialNoiseEstimate
 from .regularization import (
     build_neighbour_graph, distance_preservation_loss, gradient_norm_ratio_lambda,
     mean_neighbour_distance, repulsion_candidate_pairs, repulsion_loss)
+from .temporal_prior import TemporalPrior, TrackLayout
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +165,8 @@ class HalfSetTrainer:
         self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
         self.epoch = 0
         self.regularization_weight = 0.0
+        self.temporal: TemporalPrior | None = None  # see set_tracks
+        self._tracks: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- schedule -------------------------------------------------------------------------
     @property
@@ -175,6 +181,41 @@ class HalfSetTrainer:
     def _set_trainable(self, warmup: bool) -> None:
         for p in self.model.decoder.parameters():
             p.requires_grad_(not warmup)
+
+    # -- temporal prior -------------------------------------------------------------------
+    def set_tracks(self, track: np.ndarray, time: np.ndarray,
+                   correlation_time: float | None = None) -> None:
+        """Use the temporal prior (:mod:`.temporal_prior`) for tracked particles: ``track`` and
+        ``time`` (one per particle of the whole data set, indexed like the particle indices;
+        track ``< 0`` = untracked, standard prior). Tracks must not mix training and
+        validation particles (the caller splits by track). ``correlation_time`` starts the
+        learnt τ (default: 5 median time steps)."""
+        track = np.asarray(track, dtype=np.int64)[self.known_indices]
+        time = np.asarray(time, dtype=np.float64)[self.known_indices]
+        layout = TrackLayout.from_tracks(track, time)
+        if correlation_time is None:
+            steps = layout.dt_previous[layout.previous >= 0]
+            correlation_time = 5.0 * (float(np.median(steps)) if steps.size else 1.0)
+        self._tracks = (track, time)
+        self.temporal = TemporalPrior(layout, correlation_time, self.device)
+
+    def _prior(self, rows: torch.Tensor, known: torch.Tensor | None = None):
+        """The ``prior`` of :mod:`.latent_inference` for code-table ``rows`` (None: N(0, I)),
+        standard for particles without a stored code (``known`` False)."""
+        if self.temporal is None:
+            return None
+        mean, precision = self.temporal.conditional(rows, self.latents)
+        if known is not None:
+            mean = torch.where(known[:, None], mean, torch.zeros_like(mean))
+            precision = torch.where(known, precision, torch.ones_like(precision))
+        return mean, precision
+
+    def _fit_temporal(self) -> None:
+        if self.temporal is None:
+            return
+        use = np.isin(self.known_indices, self.train_indices)
+        tau = self.temporal.fit(self.latents, self.latent_precision, use)
+        logger.debug("half %d: temporal correlation time %.3g", self.half, tau)
 
     # -- latent codes ------------------------------------------------------------------------
     def _rows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +240,8 @@ class HalfSetTrainer:
         steps = n_steps if bool(known.all()) else max(n_steps, c.inference_steps)
         mean, precision = infer_latents(
             lambda z: self.model.linearise(batch, z), z0, rfft2_centered(batch.images),
-            self.pixel_weights, steps, beta=c.beta, max_step=c.max_latent_step)
+            self.pixel_weights, steps, beta=c.beta, max_step=c.max_latent_step,
+            prior=self._prior(rows, known))
         if store and bool(known.any()):
             self.latents[rows[known]] = mean[known]
             self.latent_precision[rows[known]] = precision[known]
@@ -265,7 +307,7 @@ class HalfSetTrainer:
             if warmup:
                 out = self.model(batch)
             else:
-                mean, precision = self._refine_codes(batch)
+                mean, precision, prior = self._refine_codes(batch)
                 z = sample_posterior(mean, precision, self.sample_generator)
                 out = self.model(batch, z)
             nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], weights, norm)
@@ -277,7 +319,7 @@ class HalfSetTrainer:
                         nll.mean(), reg.mean(), self.model.decoder.parameters(),
                         c.regularization_factor)
                 loss = loss + self.regularization_weight * reg.mean()
-                sums["kl"] += float(posterior_kl(mean, precision).sum())
+                sums["kl"] += float(posterior_kl(mean, precision, prior).sum())
                 sums["reg"] += float(reg.detach().sum())
                 mus.append(mean)
             first = False
@@ -293,6 +335,8 @@ class HalfSetTrainer:
             n_seen += len(batch)
         self._refresh_noise()
         self.epoch += 1
+        if not warmup:
+            self._fit_temporal()
         joint_epochs = self.epoch - c.n_warmup_epochs
         if (mus and c.consensus_update_interval > 0
                 and joint_epochs % c.consensus_update_interval == 0):
@@ -303,18 +347,20 @@ class HalfSetTrainer:
         return stats
 
     @torch.no_grad()
-    def _refine_codes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refine_codes(self, batch: Batch):
         """One Gauss-Newton step for the stored codes of a training batch under the current
-        model; the new posterior (mean, precision) is stored and returned."""
+        model; the new posterior (mean, precision) is stored and returned with the prior it
+        was computed under (None: N(0, I))."""
         rows, _ = self._rows(batch.indices)
         z = self.latents[rows]
+        prior = self._prior(rows)
         model, jacobian = self.model.linearise(batch, z)
         descent, precision = gauss_newton_system(model, jacobian, z, rfft2_centered(batch.images),
-                                                 self.pixel_weights, self.config.beta)
+                                                 self.pixel_weights, self.config.beta, prior)
         mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)
         self.latents[rows] = mean
         self.latent_precision[rows] = precision
-        return mean, precision
+        return mean, precision, prior
 
     @torch.no_grad()
     def update_consensus(self, mu: torch.Tensor, chunk: int = 256) -> float:
@@ -385,6 +431,10 @@ class HalfSetTrainer:
             "sample_rng": self.sample_generator.get_state(),
             "regularization_weight": self.regularization_weight,
             "initial_positions": self.initial_positions.cpu(),
+            **({} if self.temporal is None else {"temporal": {
+                "track": torch.from_numpy(self._tracks[0]),
+                "time": torch.from_numpy(self._tracks[1]),
+                "correlation_time": self.temporal.correlation_time}}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -409,6 +459,14 @@ class HalfSetTrainer:
         self.sample_generator.set_state(state["sample_rng"])
         self.regularization_weight = float(state["regularization_weight"])
         self.initial_positions = state["initial_positions"].to(self.device)
+        temporal = state.get("temporal")
+        if temporal is None:
+            self.temporal, self._tracks = None, None
+        else:
+            track, time = temporal["track"].numpy(), temporal["time"].numpy()
+            self._tracks = (track, time)
+            self.temporal = TemporalPrior(TrackLayout.from_tracks(track, time),
+                                          float(temporal["correlation_time"]), self.device)
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> HalfSetTrainer:
