@@ -74,18 +74,34 @@ def make_batch(particles: ParticleSet, indices: np.ndarray, device: torch.device
                  ctf=particles.ctf.subset(indices).to(device))
 
 
-def split_validation(half_set: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+def split_validation(half_set: torch.Tensor, fraction: float, seed: int,
+                     groups: np.ndarray | None = None) -> torch.Tensor:
     """Bool ``(n,)`` mask of held-out particles: ``round(fraction · n_half)`` drawn at random
-    (CPU generator seeded with ``seed``) from each half set separately."""
+    (CPU generator seeded with ``seed``) from each half set separately. With ``groups`` (n,)
+    (e.g. tracks of a time series; ``< 0``: a particle on its own), whole groups are held out,
+    ``round(fraction · n_groups)`` of each half's groups, so no group is split between training
+    and validation."""
     half_set = torch.as_tensor(half_set).cpu()
     mask = torch.zeros(half_set.shape[0], dtype=torch.bool)
     generator = torch.Generator().manual_seed(int(seed))
+    if groups is not None:
+        groups = np.asarray(groups, dtype=np.int64)
+        # particles on their own become groups of one
+        alone = groups < 0
+        groups = np.where(alone, groups.max(initial=0) + 1 + np.arange(groups.shape[0]), groups)
     for half in (1, 2):
         members = torch.nonzero(half_set == half).squeeze(-1)
-        n_held = int(round(fraction * members.shape[0]))
+        if groups is None:
+            n_held = int(round(fraction * members.shape[0]))
+            if n_held:
+                chosen = members[torch.randperm(members.shape[0], generator=generator)[:n_held]]
+                mask[chosen] = True
+            continue
+        labels = np.unique(groups[members.numpy()])
+        n_held = int(round(fraction * labels.shape[0]))
         if n_held:
-            chosen = members[torch.randperm(members.shape[0], generator=generator)[:n_held]]
-            mask[chosen] = True
+            chosen = labels[torch.randperm(labels.shape[0], generator=generator)[:n_held].numpy()]
+            mask[members[torch.from_numpy(np.isin(groups[members.numpy()], chosen))]] = True
     return mask
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -56,6 +57,74 @@ def plan_simulation(n_particles: int, *, seed: int = 0, max_shift_angstrom: floa
         shifts_angstrom=(torch.rand(n, 2, generator=g) * 2 - 1) * max_shift_angstrom,
         ctf=ctf, motion=motion.float(), half_set=half, noise_sigma=0.0,
     )
+
+
+@dataclass(frozen=True)
+class TrackPlan:
+    """A :class:`SimulationPlan` of time series: particle ``i`` is frame ``time[i]`` of track
+    ``track[i]`` (rows ordered track by track, frame by frame)."""
+
+    plan: SimulationPlan
+    track: torch.Tensor  # (n,) int64
+    time: torch.Tensor  # (n,) float32, frame index
+
+
+def _axis_angle_matrices(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rodrigues: rotations (n, 3, 3) by ``angle`` (n,) radians about unit ``axis`` (n, 3)."""
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1),
+                     torch.stack([-y, x, zero], -1)], -2)
+    s, c = torch.sin(angle)[:, None, None], torch.cos(angle)[:, None, None]
+    return torch.eye(3, dtype=axis.dtype) + s * k + (1 - c) * (k @ k)
+
+
+def _reflect_into_unit_interval(m: torch.Tensor) -> torch.Tensor:
+    """Fold values onto [-1, 1] by reflection at ±1 (a random walk with reflecting walls)."""
+    return 1 - torch.abs(torch.remainder(m + 1, 4) - 2)
+
+
+def plan_tracks(n_tracks: int, n_frames: int, *, seed: int = 0, drift_per_frame: float = 0.04,
+                diffusion_per_frame: float = 0.05, rotation_degrees_per_frame: float = 3.0,
+                max_shift_angstrom: float = 3.0,
+                defocus_range_angstrom: tuple[float, float] = (8000.0, 25000.0)) -> TrackPlan:
+    """Molecules filmed for ``n_frames`` frames each (liquid-phase EM): per track, the motion
+    coordinate starts uniform in [-1, 1] and moves by a constant drift (uniform in
+    ±``drift_per_frame``) plus Gaussian diffusion (standard deviation ``diffusion_per_frame``
+    per frame), reflected at ±1; the pose turns smoothly (a random start, a random axis, an
+    angular speed uniform up to ``rotation_degrees_per_frame``); the shift jitters (tracking
+    error, up to ``max_shift_angstrom``); one astigmatic defocus per track (one movie). Half
+    sets are drawn per track, so no track is split between halves."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_tracks * n_frames
+    frames = torch.arange(n_frames, dtype=torch.float32)
+    start = torch.rand(n_tracks, generator=g) * 2 - 1
+    drift = (torch.rand(n_tracks, generator=g) * 2 - 1) * drift_per_frame
+    steps = torch.randn(n_tracks, n_frames, generator=g) * diffusion_per_frame
+    steps[:, 0] = 0
+    motion = _reflect_into_unit_interval(start[:, None] + drift[:, None] * frames
+                                         + steps.cumsum(1)).reshape(n)
+    r0 = random_rotations(n_tracks, generator=g)
+    axis = torch.randn(n_tracks, 3, generator=g, dtype=torch.float64)
+    axis = axis / axis.norm(dim=-1, keepdim=True)
+    speed = torch.rand(n_tracks, generator=g, dtype=torch.float64) * math.radians(
+        rotation_degrees_per_frame)
+    turn = _axis_angle_matrices(axis.repeat_interleave(n_frames, 0),
+                                (speed[:, None] * frames.double()).reshape(n))
+    rotations = r0.repeat_interleave(n_frames, 0) @ turn
+    du = torch.empty(n_tracks, dtype=torch.float64).uniform_(*defocus_range_angstrom, generator=g)
+    dv = du - torch.rand(n_tracks, generator=g, dtype=torch.float64) * 1000.0
+    angle = torch.rand(n_tracks, generator=g) * 180.0
+    per_frame = lambda a: a.repeat_interleave(n_frames, 0)
+    ctf = CTFParams.from_values(n, defocus_u_angstrom=per_frame(du),
+                                defocus_v_angstrom=per_frame(dv),
+                                defocus_angle_degrees=per_frame(angle))
+    half = per_frame((torch.randperm(n_tracks, generator=g) % 2 + 1).long())
+    shifts = (torch.rand(n, 2, generator=g) * 2 - 1) * max_shift_angstrom
+    plan = SimulationPlan(rotations=rotations, shifts_angstrom=shifts, ctf=ctf,
+                          motion=motion.float(), half_set=half, noise_sigma=0.0)
+    return TrackPlan(plan=plan, track=per_frame(torch.arange(n_tracks)),
+                     time=frames.repeat(n_tracks))
 
 
 def _clean_images(structure: MovingStructure, plan: SimulationPlan, idx: slice, box: int,

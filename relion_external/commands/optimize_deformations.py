@@ -47,6 +47,7 @@ from ..errors import InputError
 from ..map_io import read_map, write_map
 from ..particles_adapter import check_map_matches, load_particle_set
 from ..star_io import write_particles_star
+from ..tracks import half_sets_by_track, read_tracks
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ def add_args(p) -> None:
                         "bfloat16 where the GPU/CPU computes it natively, else float32")
     p.add_argument("--preload-images", action="store_true", help="read all images into RAM")
     p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--temporal-prior", action="store_true",
+                   help="time series (liquid-phase EM): a learnt Gauss-Markov prior ties the "
+                        "codes of consecutive frames of a track (columns rlnDynaMightTrack and "
+                        "rlnDynaMightTime; tracks kept whole in one half set and in validation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-half-sets", action="store_true",
                    help="split randomly when the STAR file has no rlnRandomSubset")
@@ -142,8 +147,9 @@ def _batches(particles, order, batch_size, device, control):
         yield make_batch(particles, order[start:start + batch_size], device)
 
 
-def _new_run(args, particles, device):
-    validation = split_validation(particles.half_set, args.validation_fraction, args.seed)
+def _new_run(args, particles, device, tracks=None):
+    validation = split_validation(particles.half_set, args.validation_fraction, args.seed,
+                                  groups=None if tracks is None else tracks[0])
     gaussians, movable = _initial_gaussians(args, particles)
     trainers = {}
     for half in (1, 2):
@@ -162,6 +168,8 @@ def _new_run(args, particles, device):
         train = np.flatnonzero(members & ~validation.numpy())
         held = np.flatnonzero(members & validation.numpy())
         trainer = HalfSetTrainer(half, config, gaussians, train, device, movable, held)
+        if tracks is not None:
+            trainer.set_tracks(*tracks)
         trainer.initialise_noise(_batches(particles, train[:512], args.batch_size, device,
                                           _NoAbort()))
         trainers[half] = trainer
@@ -191,7 +199,7 @@ _CHECKPOINT_SETTINGS = (
     "n_gaussian_widths", "n_latent_dimensions", "n_positional_encoding_dimensions",
     "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
     "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
-    "n_map_fit_steps", "beta", "learning_rate", "decoder_precision")
+    "n_map_fit_steps", "beta", "learning_rate", "decoder_precision", "temporal_prior")
 
 
 def _warn_about_changed_settings(args, saved: dict, path) -> None:
@@ -239,6 +247,13 @@ def main(args, control) -> None:
                                         project_dir=args.project_directory,
                                         random_split=args.random_half_sets, seed=args.seed,
                                         preload=args.preload_images)
+    tracks = None
+    if args.temporal_prior:
+        tracks = read_tracks(args.refinement_star_file, star.particles)
+        particles = particles.with_half_set(torch.from_numpy(half_sets_by_track(
+            args.refinement_star_file, particles.half_set.numpy(), tracks[0])))
+        logger.info("temporal prior: %d tracks, %d tracked particles",
+                    len(np.unique(tracks[0][tracks[0] >= 0])), int((tracks[0] >= 0).sum()))
     resume_from = (Path(args.checkpoint_file) if args.checkpoint_file
                    else latest_checkpoint(fwd / "checkpoints"))
     stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_fraction,
@@ -260,7 +275,7 @@ def main(args, control) -> None:
                         "%d); not training further (--early-stopping-patience 0 continues to "
                         "--n-epochs)", epoch, stopping.best_epoch)
     else:
-        trainers, validation, epoch = _new_run(args, particles, device)
+        trainers, validation, epoch = _new_run(args, particles, device, tracks)
     (fwd / "checkpoints").mkdir(parents=True, exist_ok=True)
     n_train = sum(t.train_indices.shape[0] for t in trainers.values())
     logger.info("training on %s (decoder in %s): %d + %d particles, %d held out for validation, "
@@ -297,6 +312,10 @@ def main(args, control) -> None:
                                       for k in ("data", "mse", "reg", "kl",
                                                 "regularization_weight")]
                 + [f"heldout_residual {residual:.8g}"]) + "\n")
+        if trainers[1].temporal is not None:
+            logger.info("  temporal prior: correlation time %.3g / %.3g (time units of %s)",
+                        trainers[1].temporal.correlation_time,
+                        trainers[2].temporal.correlation_time, "rlnDynaMightTime")
         if stopped_early:
             logger.info("early stopping after epoch %d: the held-out residual has not improved "
                         "for %d epochs (best %.6g at epoch %d)", epoch, stopping.stale_epochs,

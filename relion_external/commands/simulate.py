@@ -17,9 +17,17 @@ space should recover). --no-motion images the same particles (same poses, CTFs, 
 noise for the same --seed) all in the reference state: the motion-free upper bound of a
 benchmark.
 
+--tracks N --frames T simulates a time series instead (liquid-phase EM movies, for
+``optimize-deformations --temporal-prior``): N molecules imaged T frames each, the motion
+coordinate drifting and diffusing smoothly in time, the pose turning smoothly, one defocus per
+track, whole tracks in one half set; particles.star then carries rlnDynaMightTrack,
+rlnDynaMightTime (the frame) and rlnMicrographName (one movie per track), and
+ground_truth/motion.star the same track and time next to dmMotion.
+
 Examples:
   dynamight simulate --output-directory Simulated/ --n-particles 2000 --box-size 64 --snr 0.1
   dynamight simulate --output-directory Clamp/ --preset clamp          # 6,000 particles, SNR 0.05
+  dynamight simulate --output-directory Series/ --preset clamp --tracks 80 --frames 50 --snr 0.02
 """
 
 from __future__ import annotations
@@ -40,9 +48,17 @@ from dynamight_core.quality_scores import region_masks
 from dynamight_core.reconstruction import FourierAccumulator
 from dynamight_core.rotation import matrix_to_euler
 from dynamight_core.simulation import (
-    consensus_map, noise_sigma_for_snr, plan_simulation, render_state, simulate_images, soft_mask)
+    consensus_map,
+    noise_sigma_for_snr,
+    plan_simulation,
+    plan_tracks,
+    render_state,
+    simulate_images,
+    soft_mask,
+)
 from dynamight_core.synthetic_structure import hinged_structure
 
+from ..errors import InputError
 from ..map_io import write_map
 from ..stack_writer import StackWriter
 from ..star_io import write_particles_star
@@ -77,6 +93,10 @@ def add_args(p) -> None:
                    help="ground-truth maps written at this many motion values in [-1, 1]")
     p.add_argument("--no-motion", action="store_true",
                    help="every particle in the t = 0 state (a rigid control dataset)")
+    p.add_argument("--tracks", type=int, default=0,
+                   help="simulate a time series of this many tracks (molecules filmed frame "
+                        "after frame; replaces --n-particles by tracks × frames)")
+    p.add_argument("--frames", type=int, default=50, help="frames per track (with --tracks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
 
@@ -105,7 +125,16 @@ def main(args, control) -> None:
         structure = protein_like_structure(args.preset, seed=args.seed)
     else:
         structure = hinged_structure(n_gaussians=args.n_gaussians, seed=args.seed)
-    plan = plan_simulation(args.n_particles, seed=args.seed)
+    tracks = None
+    if args.tracks > 0:
+        if args.frames < 1:
+            raise InputError(None, "--frames", f"must be at least 1, got {args.frames}",
+                             "Give the number of frames per track.")
+        tracks = plan_tracks(args.tracks, args.frames, seed=args.seed)
+        plan = tracks.plan
+        args.n_particles = args.tracks * args.frames
+    else:
+        plan = plan_simulation(args.n_particles, seed=args.seed)
     # the noise level of the moving particles, so that a --no-motion control has the same noise
     sigma = noise_sigma_for_snr(structure, plan, box, px, args.snr) if args.snr > 0 else 0.0
     plan = replace(plan, noise_sigma=sigma)
@@ -126,6 +155,8 @@ def main(args, control) -> None:
             if args.consensus == "reconstruction":
                 for h, acc in halves.items():
                     sel = torch.nonzero(plan.half_set[idx] == h).squeeze(-1)
+                    if sel.numel() == 0:  # a batch of one half's tracks only
+                        continue
                     rows = np.arange(idx.start, idx.stop)[sel.numpy()]
                     acc.add(images[sel], plan.rotations[rows].float(),
                             plan.shifts_angstrom[rows].float(), plan.ctf.subset(rows))
@@ -154,9 +185,15 @@ def main(args, control) -> None:
         "rlnCtfScalefactor": np.ones(n), "rlnOpticsGroup": np.ones(n, dtype=int),
         "rlnRandomSubset": plan.half_set.numpy(),
     })
-    write_particles_star(out / "particles.star", (optics, particles))
     truth = pd.DataFrame({"rlnImageName": image_names, "dmMotion": plan.motion.numpy(),
                           "rlnRandomSubset": plan.half_set.numpy()})
+    if tracks is not None:
+        for table in (particles, truth):
+            table["rlnMicrographName"] = [f"movies/track{k:05d}.mrcs"
+                                          for k in tracks.track.tolist()]
+            table["rlnDynaMightTrack"] = tracks.track.numpy()
+            table["rlnDynaMightTime"] = tracks.time.numpy().astype(np.float64)
+    write_particles_star(out / "particles.star", (optics, particles))
     write_particles_star(out / "ground_truth" / "motion.star", (optics, truth))
 
     logger.info("rendering the consensus map, mask and %d ground-truth states",
