@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 
-from dynamight_core.ctf import ctf_2d_rfft  # noqa: E402
-from dynamight_core.fourier_grids import irfft2_centered  # noqa: E402
-from dynamight_core.gaussian_projection import project_gaussians_rfft  # noqa: E402
-from dynamight_core.protein_like_structure import PRESETS, protein_like_structure  # noqa: E402
-from dynamight_core.shift import apply_relion_origin_rfft  # noqa: E402
-from relion_external.particles_adapter import load_particle_set  # noqa: E402
+from dynamight_core.ctf import ctf_2d_rfft
+from dynamight_core.fourier_grids import irfft2_centered
+from dynamight_core.gaussian_projection import project_gaussians_rfft
+from dynamight_core.protein_like_structure import PRESETS, protein_like_structure
+from dynamight_core.shift import apply_relion_origin_rfft
+from relion_external.particles_adapter import load_particle_set
 
 
 def clean_images(structure, particles, rows: np.ndarray, motion: torch.Tensor) -> torch.Tensor:
