@@ -1,12 +1,19 @@
 """The argparse parser of the ``dynamight`` commands.
 
-A bad command line raises :class:`CommandLineError` instead of exiting with code 2, so that the
-entry point can still write RELION's exit file and a one-line reason.
+Two differences from a plain :class:`argparse.ArgumentParser`:
+
+- a bad command line raises :class:`CommandLineError` instead of exiting with code 2, so that
+  the entry point can still write RELION's exit file and a one-line reason;
+- every value given to an option is recorded (:func:`given_values`), so that an option given
+  twice with different values (RELION-5 appends its "Additional arguments" after its own
+  options) can be reported: the last one wins, as argparse does.
 """
 
 from __future__ import annotations
 
 import argparse
+
+GIVEN = "_given_values"  # Namespace attribute: dest -> [(option string, value), ...]
 
 
 class CommandLineError(Exception):
@@ -17,12 +24,46 @@ class CommandLineError(Exception):
         self.usage = usage
 
 
+class _RecordingStore(argparse._StoreAction):
+    """``store``, and a note of the option string and value in the namespace."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = dict(getattr(namespace, GIVEN, None) or {})
+        given[self.dest] = [*given.get(self.dest, []), (option_string, values)]
+        setattr(namespace, GIVEN, given)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """Raises :class:`CommandLineError` instead of exiting (sub-parsers made by
-    ``add_subparsers`` are of this class too)."""
+    """Raises :class:`CommandLineError` instead of exiting; records the values of ``store``
+    options (sub-parsers made by ``add_subparsers`` are of this class too)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _RecordingStore)
+        self.register("action", "store", _RecordingStore)
 
     def error(self, message):
         raise CommandLineError(message, self.format_usage())
 
 
-__all__ = ["ArgumentParser", "CommandLineError"]
+def given_values(args: argparse.Namespace) -> dict[str, list[tuple[str, object]]]:
+    """``dest -> [(option string, value), ...]`` in command-line order, for the options that
+    were given (``store`` options only: flags cannot disagree with themselves)."""
+    return dict(getattr(args, GIVEN, None) or {})
+
+
+def repeated_with_different_values(args: argparse.Namespace) -> list[str]:
+    """One message per option given more than once with different values."""
+    messages = []
+    for given in given_values(args).values():
+        values = [value for _, value in given]
+        if len({repr(v) for v in values}) > 1:
+            shown = ", ".join(f"{option} {value}" for option, value in given)
+            messages.append(f"{given[0][0]} given {len(given)} times with different values "
+                            f"({shown}): the last one, {values[-1]}, is used")
+    return messages
+
+
+__all__ = ["ArgumentParser", "CommandLineError", "given_values",
+           "repeated_with_different_values"]

@@ -5,7 +5,8 @@ logging (line by line on stdout, so RELION's ``run.out`` shows progress as it ha
 input into a one-paragraph error, prints full tracebacks for anything else, and writes RELION's
 exit-status file when ``--pipeline-control`` is given: on every way out, a bad command line
 (found before parsing), ``--help``, SIGTERM and SIGHUP included, with a one-line reason as the
-last line of stderr (``run.err``).
+last line of stderr (``run.err``). The tasks of RELION-5's DynaMight job accept each other's
+options and ignore the foreign ones with a warning (:mod:`relion_external.appended_options`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import shlex
 import sys
 import traceback
 
-from .argument_parser import ArgumentParser, CommandLineError
+from .appended_options import (
+    RELION5_TASKS, accept_options_of_other_tasks, ignored_option_warnings)
+from .argument_parser import (
+    ArgumentParser, CommandLineError, repeated_with_different_values)
 from .commands import (
     deformable_backprojection, demo, explore_latent_space, optimize_deformations,
     optimize_inverse_deformations, reconstruct, simulate)
@@ -47,8 +51,11 @@ def build_parser() -> ArgumentParser:
     parsers = {}
     for name, module in COMMANDS.items():
         doc = (module.__doc__ or "").strip()
+        # no abbreviations (as the reference DynaMight): a misspelt option fails, and it
+        # cannot silently become one of the other tasks' options that are ignored here
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
         module.add_args(p)
         if not any(a.dest == "pipeline_control" for a in p._actions):
             p.add_argument("--pipeline-control", "--pipeline_control", dest="pipeline_control",
@@ -57,6 +64,7 @@ def build_parser() -> ArgumentParser:
                                 "when RELION_JOB_ABORT_NOW appears")
         p.set_defaults(_module=module)
         parsers[name] = p
+    accept_options_of_other_tasks({name: parsers[name] for name in RELION5_TASKS})
     parser.commands = parsers  # for the usage of the command at fault
     return parser
 
@@ -108,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
             if control.folder is not None:  # run.out starts with the command line
                 logger.info("%s %s", PROG, shlex.join(argv))
+            for line in (ignored_option_warnings(args, args.command)
+                         + repeated_with_different_values(args)):
+                logger.warning("warning: %s", line)
             args._module.main(args, control)
         except SystemExit as err:  # --help (argparse prints it, then exits with 0)
             if err.code not in (0, None):
