@@ -1,12 +1,14 @@
 """The argparse parser of the ``dynamight`` commands.
 
-Two differences from a plain :class:`argparse.ArgumentParser`:
+Three differences from a plain :class:`argparse.ArgumentParser`:
 
 - a bad command line raises :class:`CommandLineError` instead of exiting with code 2, so that
   the entry point can still write RELION's exit file and a one-line reason;
 - every value given to an option is recorded (:func:`given_values`), so that an option given
   twice with different values (RELION-5 appends its "Additional arguments" after its own
-  options) can be reported: the last one wins, as argparse does.
+  options) can be reported: the last one wins, as argparse does;
+- :func:`show_defaults` appends ``(default: …)`` to the help of every option whose help text
+  does not already state its default.
 """
 
 from __future__ import annotations
@@ -65,5 +67,21 @@ def repeated_with_different_values(args: argparse.Namespace) -> list[str]:
     return messages
 
 
+def _states_default(action: argparse.Action) -> bool:
+    return action.help is not None and "default" in action.help.lower()
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: …)`` to the help of each option of ``parser`` that has a default
+    worth showing (not None, not a flag's False) and whose help does not mention it already."""
+    for action in parser._actions:
+        if (not action.option_strings or action.help == argparse.SUPPRESS
+                or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action.default, bool) or _states_default(action)):
+            continue
+        note = "(default: %(default)s)"
+        action.help = f"{action.help} {note}" if action.help else note
+
+
 __all__ = ["ArgumentParser", "CommandLineError", "given_values",
-           "repeated_with_different_values"]
+           "repeated_with_different_values", "show_defaults"]

@@ -20,7 +20,7 @@ import traceback
 from .appended_options import (
     RELION5_TASKS, accept_options_of_other_tasks, ignored_option_warnings)
 from .argument_parser import (
-    ArgumentParser, CommandLineError, repeated_with_different_values)
+    ArgumentParser, CommandLineError, repeated_with_different_values, show_defaults)
 from .commands import (
     deformable_backprojection, demo, explore_latent_space, optimize_deformations,
     optimize_inverse_deformations, reconstruct, simulate)
@@ -62,6 +62,7 @@ def build_parser() -> ArgumentParser:
                            default=None, metavar="DIR",
                            help="RELION job folder: write exit-status files there and stop "
                                 "when RELION_JOB_ABORT_NOW appears")
+        show_defaults(p)
         p.set_defaults(_module=module)
         parsers[name] = p
     accept_options_of_other_tasks({name: parsers[name] for name in RELION5_TASKS})
