@@ -15,7 +15,7 @@ from relion_external.argument_parser import repeated_with_different_values
 from relion_external.cli import build_parser
 
 JOB = "DynaMight/job012/"
-# the commands RELION-5 builds for each task (relion_external/../tests/test_relion5_command_lines)
+# the commands RELION-5 builds for each task (as in tests/test_relion5_command_lines.py)
 TASK_LINES = {
     "optimize-deformations": (
         f"optimize-deformations  --refinement-star-file Refine3D/job010/run_data.star "
@@ -63,18 +63,18 @@ def test_every_task_accepts_the_additional_arguments(task):
 def test_forward_uses_the_appended_epochs():
     args = parse(f"{TASK_LINES['optimize-deformations']} {ADDITIONAL}")
     assert (args.n_epochs, args.n_map_fit_steps) == (4, 20)
-    assert messages(args) == [
+    assert messages(args) == [(
         "optimize-deformations ignores --save-deformations: an option of "
         "optimize-inverse-deformations only (RELION-5 appends its Additional arguments to "
-        "every task)"]
+        "every task)")]
 
 
 def test_inverse_gets_its_epochs_twice_and_the_last_one_wins():
     args = parse(f"optimize-inverse-deformations {JOB} --n-epochs 5 --n-epochs 4")
     assert args.n_epochs == 4
-    assert messages(args) == [
+    assert messages(args) == [(
         "--n-epochs given 2 times with different values (--n-epochs 5, --n-epochs 4): "
-        "the last one, 4, is used"]
+        "the last one, 4, is used")]
 
 
 def test_the_same_value_twice_is_no_news():
@@ -85,10 +85,10 @@ def test_the_same_value_twice_is_no_news():
 def test_backprojection_names_where_the_option_belongs():
     args = parse(f"{TASK_LINES['deformable-backprojection']} --n-epochs 4")
     assert not hasattr(args, "n_epochs")
-    assert messages(args) == [
+    assert messages(args) == [(
         "deformable-backprojection ignores --n-epochs 4: an option of optimize-deformations "
         "and optimize-inverse-deformations only (RELION-5 appends its Additional arguments to "
-        "every task)"]
+        "every task)")]
 
 
 @pytest.mark.parametrize("task", RELION5_TASKS)
@@ -109,7 +109,7 @@ def test_every_option_of_every_other_task_is_accepted(task):
 
 def _example(action) -> str:
     if action.choices:
-        return str(list(action.choices)[0])
+        return str(next(iter(action.choices)))
     if action.type in (int, float):
         return "1"
     if isinstance(action.default, str):  # e.g. a colouring name

@@ -165,7 +165,7 @@ def test_bad_option_as_relion_runs_it(tmp_path):
             [sys.executable, "-m", "relion_external.cli", "explore-latent-space",
              "DynaMight/job003/", "--half-set", "1", "--n-epoch", "4", "--pipeline-control",
              "DynaMight/job003/"], cwd=tmp_path, stdout=out, stderr=err, timeout=120,
-            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+            check=False, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
     assert exit_files(job) == ["RELION_JOB_EXIT_FAILURE"]
     assert last_line((job / "run.err").read_text()) == (
