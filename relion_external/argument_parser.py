@@ -40,8 +40,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """Raises :class:`CommandLineError` instead of exiting; records the values of ``store``
     options (sub-parsers made by ``add_subparsers`` are of this class too)."""
 
+    commands: dict[str, argparse.ArgumentParser]  # sub-command parsers, where the caller sets them
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.commands = {}
         self.register("action", None, _RecordingStore)
         self.register("action", "store", _RecordingStore)
 
