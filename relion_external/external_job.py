@@ -47,7 +47,7 @@ poll-only :class:`~relion_external.job_protocol.PipelineControl`: intermediate s
 exit files) and the job then writes ``RELION_JOB_EXIT_ABORTED``. Any error writes
 ``RELION_JOB_EXIT_FAILURE`` and the traceback plus a one-line message to stderr (``run.err``),
 exits non-zero and leaves earlier results and checkpoints in place. SIGTERM (``scancel``, a
-queue's time limit) counts as a failure.
+queue's time limit) and SIGHUP count as failures.
 
 What RELION 3.1.3 does with External jobs (measured with ``relion_pipeliner``; the tests in
 ``tests/test_relion_pipeliner.py`` rerun these checks):
@@ -77,9 +77,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -106,7 +104,12 @@ from .external_job_stages import (
     plan_stages,
     stage_finished,
 )
-from .job_protocol import JobAborted, PipelineControl, job_is_continue
+from .job_protocol import (
+    JobAborted,
+    PipelineControl,
+    job_is_continue,
+    signals_raise_terminated,
+)
 from .output_nodes import (
     HALF_MAP,
     OUTPUT_NODES_STAR,
@@ -120,10 +123,6 @@ logger = logging.getLogger(__name__)
 
 # ``--help``: this docstring up to the continue/abort details
 HELP_DESCRIPTION = (__doc__ or "").split("\nContinue.")[0].strip()
-
-
-class JobTerminated(Exception):
-    """SIGTERM arrived (scancel, a queue's time limit)."""
 
 
 # -- running the stages --------------------------------------------------------------------
@@ -213,10 +212,6 @@ def _job_dir_from_argv(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _raise_terminated(signum, frame):
-    raise JobTerminated(f"received signal {signum} (SIGTERM: scancel or a queue time limit?)")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from .cli import configure_logging
 
@@ -228,10 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     job_dir = _job_dir_from_argv(argv)
     control = PipelineControl(job_dir)
     status: dict = {"stage": None}
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_terminated)
     logger.info("%s %s", PROG, shlex.join(argv))
 
     def fail(kind: str, message: str, *, with_traceback: bool) -> None:
@@ -244,30 +235,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", line)
         control.finish("aborted" if kind == "aborted" else "failure")
 
-    try:
-        if job_dir is not None:
-            Path(job_dir).mkdir(parents=True, exist_ok=True)
-        control.clear_previous_exit_status()
-        if job_dir is not None:  # describes the outcome of this run only
-            (Path(job_dir) / OUTPUT_NODES_STAR).unlink(missing_ok=True)
-        params = parameters()
-        job = parse_job_options(argv, params)
-        run_job(job, control, params, status)
-    except JobAborted as err:
-        fail("aborted", str(err), with_traceback=False)
-        return 2
-    except UsageError as err:
-        fail("argument error", str(err), with_traceback=False)
-        return 1
-    except InputError as err:
-        fail("input error", str(err), with_traceback=True)
-        return 1
-    except BaseException as err:  # noqa: BLE001 - report everything, then fail the job
-        fail("failed", f"{type(err).__name__}: {err}", with_traceback=True)
-        return 130 if isinstance(err, KeyboardInterrupt) else 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with signals_raise_terminated():
+        try:
+            if job_dir is not None:
+                Path(job_dir).mkdir(parents=True, exist_ok=True)
+            control.clear_previous_exit_status()
+            if job_dir is not None:  # describes the outcome of this run only
+                (Path(job_dir) / OUTPUT_NODES_STAR).unlink(missing_ok=True)
+            params = parameters()
+            job = parse_job_options(argv, params)
+            run_job(job, control, params, status)
+        except JobAborted as err:
+            fail("aborted", str(err), with_traceback=False)
+            return 2
+        except UsageError as err:
+            fail("argument error", str(err), with_traceback=False)
+            return 1
+        except InputError as err:
+            fail("input error", str(err), with_traceback=True)
+            return 1
+        except BaseException as err:  # noqa: BLE001 - report everything, then fail the job
+            fail("failed", f"{type(err).__name__}: {err}", with_traceback=True)
+            return 130 if isinstance(err, KeyboardInterrupt) else 1
     control.finish("success")
     return 0
 

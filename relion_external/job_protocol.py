@@ -9,12 +9,21 @@ A program that runs several stages in one job (the External job) gives each stag
 :meth:`PipelineControl.poll_only` view: the stage can poll for an abort, but only the job itself
 writes the one exit file at the very end (an exit file written by an intermediate stage would
 make RELION show the job as finished while it is still running).
+
+The job folder must be known before the command line is parsed, so that a bad argument also
+ends in an exit file: :func:`pipeline_control_from_argv` finds it in the raw arguments.
+SIGTERM (``scancel``, a queue's time limit) and SIGHUP become :class:`JobTerminated` inside
+:func:`signals_raise_terminated`, so that they too end with an exit file.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -28,8 +37,50 @@ ABORT_REQUEST = "RELION_JOB_ABORT_NOW"
 JOB_STAR = "job.star"
 
 
+PIPELINE_CONTROL_OPTIONS = ("--pipeline-control", "--pipeline_control")
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 class JobAborted(Exception):
     """The user asked RELION to abort the job."""
+
+
+class JobTerminated(Exception):
+    """SIGTERM or SIGHUP arrived (scancel, a queue's time limit, a closed terminal)."""
+
+
+def pipeline_control_from_argv(argv: Sequence[str]) -> str | None:
+    """The value of ``--pipeline-control DIR`` / ``--pipeline_control DIR`` (or ``=DIR``) in
+    raw arguments, read without any parser (the last one wins, as argparse does); None if
+    absent or without a value."""
+    found = None
+    for i, arg in enumerate(argv):
+        for option in PIPELINE_CONTROL_OPTIONS:
+            if arg == option and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                found = argv[i + 1]
+            elif arg.startswith(option + "="):
+                found = arg[len(option) + 1:] or None
+    return found
+
+
+def _raise_terminated(signum, frame):
+    name = signal.Signals(signum).name
+    raise JobTerminated(f"received {name} (scancel, a queue time limit or a closed terminal?)")
+
+
+@contextmanager
+def signals_raise_terminated() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`JobTerminated` in the main thread
+    (elsewhere signal handlers cannot be set, and the block changes nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_terminated) for s in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class PipelineControl:

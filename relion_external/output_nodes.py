@@ -12,10 +12,13 @@ Node names are paths as RELION knows them: relative to the project directory
 (``External/job007/backprojection/map_half1.mrc``), built from the job folder exactly as RELION
 passed it (``--o External/job007/``).
 
-RELION-5's own DynaMight job does not read this file: its pipeline declares the deformed
-backprojection's half maps ``<job>/backprojection/map_half{1,2}.mrc`` itself, as
-:data:`DYNAMIGHT_HALF_MAP` nodes. :func:`dynamight_output_nodes` with
-``half_map_type=DYNAMIGHT_HALF_MAP`` gives the same list for anything that wants to mirror it.
+RELION-5's own DynaMight job reads this file too (checked with RELION-5.0.1's
+``relion_pipeliner``: a node listed there enters ``default_pipeline.star`` when the task
+succeeds). Its pipeline declares the deformed backprojection's half maps
+``<job>/backprojection/map_half{1,2}.mrc`` itself, as :data:`DYNAMIGHT_HALF_MAP` nodes; our
+optimize-deformations adds ``particles.star`` (:data:`PARTICLES`), which RELION-5 does not
+declare. :func:`dynamight_output_nodes` with ``half_map_type=DYNAMIGHT_HALF_MAP`` gives the list
+of both for anything that wants to mirror it.
 """
 
 from __future__ import annotations

@@ -209,12 +209,35 @@ assert rc == 0 and not loaded, (rc, loaded)
     assert movies
 
 
-def test_command_without_display_says_what_to_do(run_dir, monkeypatch, capsys):
+def test_command_without_display_writes_the_headless_outputs(run_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    """As RELION-5 runs "Do visualization?" (never with --headless) on a node without a display:
+    the embedding plot and maps along 2 principal directions instead of the window, a note in
+    run.out, and the job Succeeded."""
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
-    assert main(["explore-latent-space", str(run_dir), "--half-set", "1"]) == 1
-    assert "--headless" in capsys.readouterr().err
+    job = tmp_path / "relion_job"
+    job.mkdir()
+    folder = run_dir / "latent_space"
+    for old in [folder / "embedding_half2.png", *folder.glob("maps_along_pcs/half2_pc*/*.mrc")]:
+        old.unlink(missing_ok=True)
+    assert main(["explore-latent-space", str(run_dir), "--half-set", "2", "--n-frames", "2",
+                 "--pipeline-control", str(job)]) == 0
+    assert sorted(p.name for p in job.glob("RELION_JOB_EXIT_*")) == ["RELION_JOB_EXIT_SUCCESS"]
+    out = capsys.readouterr().out
+    assert "note: no display (DISPLAY is not set), so no napari window" in out
+    assert (folder / "embedding_half2.png").stat().st_size > 0
+    for pc in (1, 2):
+        assert len(list((folder / "maps_along_pcs" / f"half2_pc{pc}").glob("*.mrc"))) == 2
+
+
+def test_screenshot_without_display_says_what_to_do(run_dir, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert main(["explore-latent-space", str(run_dir), "--screenshot", "x.png"]) == 1
+    assert "xvfb-run" in capsys.readouterr().err
 
 
 def test_command_rejects_bad_coordinates(run_dir, capsys):

@@ -12,6 +12,7 @@ import torch
 
 from dynamight_core.quality_scores import knn_r2
 from relion_external.cli import main
+from relion_external.output_nodes import read_output_nodes
 
 # measured 2026-11-27 (fixed seeds): 0.987 / 0.984 over all particles, 0.982 / 0.977 held out
 THRESHOLD_ALL, THRESHOLD_HELD = 0.9, 0.9
@@ -46,6 +47,9 @@ def test_cli_writes_all_outputs(small, tmp_path):
     job.mkdir()
     assert optimize(small, out, "--n-epochs", "3", "--pipeline-control", str(job)) == 0
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    # particles.star with latents is a particles node in both RELION vocabularies
+    assert read_output_nodes(job / "RELION_OUTPUT_NODES.star") == [
+        (f"{out.as_posix()}/particles.star", 3, "ParticleGroupMetadata.star.relion")]
     fwd = out / "forward_deformations"
     for name in ("001.pth", "002.pth", "003.pth", "checkpoint_final.pth"):
         state = torch.load(fwd / "checkpoints" / name, weights_only=True)

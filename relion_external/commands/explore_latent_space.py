@@ -24,6 +24,8 @@ coordinates, and the actions take such coordinates (write negative numbers as --
   --subset-polygon "X,Y;X,Y;..."  a subset of the particles inside the polygon
   --subset-clusters K           k-means of the latent codes: one subset per cluster
 --screenshot PNG saves a picture of both viewers (needs a display, e.g. xvfb-run).
+Without a display (RELION on a compute node, say) the window is replaced by the headless
+outputs: the embedding plot and maps along the first 2 principal directions, with a note.
 
 RELION-5's DynaMight job runs `explore-latent-space DIR --half-set H [--checkpoint-file C]`
 for "Do visualization?".
@@ -41,6 +43,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +53,8 @@ from dynamight_core.latent_analysis import COLOURINGS, EMBEDDINGS
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
+
+FALLBACK_MAPS_ALONG_PCS = 2  # written instead of the window when there is no display
 
 
 def add_args(p) -> None:
@@ -149,12 +154,19 @@ def main(args, control) -> None:
     actions = bool(args.maps_along_pcs or movie is not None or polygon is not None
                    or args.subset_clusters)
     window = not (args.headless or actions or args.screenshot)
-    if (window or args.screenshot) and not _has_display():
-        raise InputError(None, "display", "no display to open the napari window on "
+    maps_along_pcs = args.maps_along_pcs
+    if args.screenshot and not _has_display():
+        raise InputError(None, "--screenshot", "no display to draw the viewers on "
                          "(DISPLAY is not set)",
-                         "Run on a machine with a display (or with ssh -X), under xvfb-run "
-                         "for --screenshot, or use --headless with --maps-along-pcs, "
-                         "--movie-from/--movie-to, --subset-polygon or --subset-clusters.")
+                         "Run under xvfb-run, or on a machine with a display.")
+    if window and not _has_display():  # RELION runs it without --headless, maybe on a node
+        window, maps_along_pcs = False, FALLBACK_MAPS_ALONG_PCS
+        logger.info("note: no display (DISPLAY is not set), so no napari window: writing the "
+                    "headless outputs instead (embedding plot and maps along %d principal "
+                    "directions in %s); open the window with `dynamight explore-latent-space "
+                    "%s --half-set %d` on a machine with a display", maps_along_pcs,
+                    Path(args.output_directory) / "latent_space", args.output_directory,
+                    args.half_set)
     try:
         session = open_session(args.output_directory, args.half_set,
                                checkpoint_file=args.checkpoint_file,
@@ -164,7 +176,7 @@ def main(args, control) -> None:
         raise InputError(None, "--embedding", str(err),
                          "Install umap-learn or use --embedding pca.") from err
     if not window:
-        run_actions(session, maps_along_pcs=args.maps_along_pcs, movie_path=movie,
+        run_actions(session, maps_along_pcs=maps_along_pcs, movie_path=movie,
                     n_frames=args.n_frames, subset_polygon=polygon,
                     subset_clusters=args.subset_clusters, colouring=args.colour_by,
                     control=control)

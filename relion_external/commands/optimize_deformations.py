@@ -13,6 +13,8 @@ volume_half{1,2}_NNN.mrc (each half's consensus Gaussians rendered), forward_def
 loss_log.txt (one line per epoch), and particles.star: the input particles plus
 rlnDynaMightLatent1..d (mean latent code from the particle's own half), rlnDynaMightHalfSet,
 rlnDynaMightValidation (0/1) and rlnDynaMightDeformationError (Å, -1 for training particles).
+Under RELION (--pipeline-control), particles.star is declared as an output node (particles) in
+RELION_OUTPUT_NODES.star, so that later jobs can select it.
 Training stops after --n-epochs, or earlier when the residual of the validation particles has
 not improved for --early-stopping-patience joint epochs (both halves stop together). Running the
 same command again continues from the latest checkpoint of the output directory (or from
@@ -45,6 +47,7 @@ from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
 
 from ..errors import InputError
 from ..map_io import read_map, write_map
+from ..output_nodes import PARTICLES, OutputNode, node_name, write_output_nodes
 from ..particles_adapter import check_map_matches, load_particle_set
 from ..star_io import write_particles_star
 from ..tracks import half_sets_by_track, read_tracks
@@ -333,6 +336,9 @@ def main(args, control) -> None:
                                       stopping, stopped_early))
     _log_consensus_agreement(trainers)
     _write_particles(out, args, particles, star, trainers, validation, device, control)
+    if getattr(args, "pipeline_control", None):  # RELION: particles.star becomes an input
+        write_output_nodes(args.pipeline_control,
+                           [OutputNode(node_name(out, "particles.star"), PARTICLES)])
 
 
 def _finalise_latents(args, particles, trainers, device, control) -> None:
