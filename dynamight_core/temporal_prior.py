@@ -127,6 +127,26 @@ class TemporalPrior:
                 + (w_next * a_next)[:, None] * z_next) / precision[:, None]
         return mean.to(codes.dtype), precision.to(codes.dtype)
 
+    @torch.no_grad()
+    def log_probability(self, codes: torch.Tensor) -> float:
+        """``log p(codes)`` (n, d) of all rows under the prior: each track's chain (first
+        frame N(0, I), then the transitions) and N(0, I) for rows in no chain of two or more
+        frames."""
+        z = codes.detach().double().cpu()
+        d = z.shape[1]
+        total = -0.5 * float((z**2).sum()) - 0.5 * d * len(self.layout) * math.log(2 * math.pi)
+        b = np.flatnonzero(self.layout.previous >= 0)  # frames with a predecessor
+        if b.size:
+            a = torch.exp(-torch.as_tensor(self.layout.dt_previous[b]) / self.correlation_time
+                          ).clamp(max=_MAX_A)
+            v = 1.0 - a**2
+            prev = z[self.layout.previous[b]]
+            # replace N(0, I) of these frames by their transition density
+            total += 0.5 * float((z[b] ** 2).sum())
+            total -= float((0.5 * ((z[b] - a[:, None] * prev) ** 2).sum(-1) / v
+                            + 0.5 * d * torch.log(v)).sum())
+        return total
+
     def _chain_prior_precision(self, dt: np.ndarray) -> np.ndarray:  # (T, T)
         """Precision matrix of the codes (one dimension) of one chain with time steps ``dt``
         (T - 1,) under the process: tridiagonal."""

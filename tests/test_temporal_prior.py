@@ -121,3 +121,21 @@ def test_em_on_noisy_observations_approaches_the_true_correlation_time():
         h = (p.double() + 1 / sigma**2)[:, None, None] * torch.ones(1, 1, 1, dtype=torch.float64)
         prior.fit(torch.tensor(means), h)
     assert prior.correlation_time == pytest.approx(true_tau, rel=0.15)  # 7.37 measured
+
+
+def test_log_probability_is_the_gaussian_process_density():
+    """Hand-made irregular sequences against the multivariate normal of the joint covariance
+    exp(-|t_i - t_j| / τ) per dimension; untracked rows are N(0, I)."""
+    track = np.array([5, 5, 5, 5, -1, 9, 9])
+    time = np.array([0.0, 0.5, 2.0, 2.25, 0.0, 1.0, 4.0])
+    prior = TemporalPrior(TrackLayout.from_tracks(track, time), correlation_time=1.7)
+    codes = torch.tensor([[0.3, -1.0], [0.5, -0.6], [-0.2, 0.1], [0.0, 0.4], [1.2, 0.7],
+                          [-0.4, 0.9], [0.8, -0.3]], dtype=torch.float64)
+    expected = 0.0
+    for rows in (np.flatnonzero(track == 5), np.flatnonzero(track == 9), np.array([4])):
+        t = time[rows]
+        cov = torch.tensor(np.exp(-np.abs(t[:, None] - t[None]) / 1.7))
+        for j in range(2):
+            expected += float(torch.distributions.MultivariateNormal(
+                torch.zeros(len(rows), dtype=torch.float64), cov).log_prob(codes[rows, j]))
+    assert prior.log_probability(codes) == pytest.approx(expected, rel=1e-10)

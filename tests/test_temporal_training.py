@@ -57,6 +57,20 @@ def test_temporal_prior_keeps_tracks_whole_and_ties_their_codes(series, tmp_path
     assert "temporal" not in torch.load(tmp_path / "standard" / "forward_deformations" /
                                         "checkpoints" / "checkpoint_final.pth",
                                         weights_only=True)["halves"]["1"]
+    # outputs to look at: the trajectories, and a movie of one track through time
+    assert (tmp_path / "temporal" / "track_latents.png").stat().st_size > 10_000
+    assert not (tmp_path / "standard" / "track_latents.png").exists()
+    first = p[p["rlnDynaMightHalfSet"] == 1]
+    k = int(first["rlnDynaMightTrack"].iloc[0])
+    assert main(["explore-latent-space", str(tmp_path / "temporal"), "--half-set", "1",
+                 "--track-movie", str(k), "--n-frames", "4"]) == 0
+    movie = tmp_path / "temporal" / "latent_space" / "movies" / f"track_{k}"
+    assert sorted(f.name for f in movie.glob("frame_*.mrc")) == [
+        f"frame_{i:03d}.mrc" for i in range(4)]
+    assert (movie / "movie.gif").is_file()
+    other = int(p.loc[p["rlnDynaMightHalfSet"] == 2, "rlnDynaMightTrack"].iloc[0])
+    assert main(["explore-latent-space", str(tmp_path / "temporal"), "--half-set", "1",
+                 "--track-movie", str(other)]) != 0
     # the codes of one track move together under the prior, far less without it
     tied = _within_track_spread(tmp_path / "temporal" / "particles.star")
     free = _within_track_spread(tmp_path / "standard" / "particles.star")

@@ -86,6 +86,10 @@ def add_args(p) -> None:
     g.add_argument("--movie-from", default=None, metavar="X,Y")
     g.add_argument("--movie-to", default=None, metavar="X,Y")
     g.add_argument("--movie-path", default=None, metavar="X,Y;X,Y;...")
+    g.add_argument("--track-movie", type=int, default=None, metavar="TRACK",
+                   help="time series: maps of track TRACK's molecule through time, at the "
+                        "codes of its particles in order of rlnDynaMightTime (--n-frames of "
+                        "them, evenly spaced)")
     g.add_argument("--subset-polygon", default=None, metavar="X,Y;X,Y;...")
     g.add_argument("--subset-clusters", type=int, default=0, metavar="K")
     g.add_argument("--screenshot", default=None, metavar="PNG",
@@ -145,14 +149,14 @@ def _has_display() -> bool:
 
 def main(args, control) -> None:
     from ..latent_explorer.headless import run_actions
-    from ..latent_explorer.session import open_session
+    from ..latent_explorer.session import TrackNotFound, open_session
 
     movie, polygon, point = _coordinates(args)
     if args.n_frames < 2:
         raise InputError(None, "--n-frames", f"must be at least 2, got {args.n_frames}",
                          "Give the number of maps per movie, e.g. 10.")
     actions = bool(args.maps_along_pcs or movie is not None or polygon is not None
-                   or args.subset_clusters)
+                   or args.subset_clusters or args.track_movie is not None)
     window = not (args.headless or actions or args.screenshot)
     maps_along_pcs = args.maps_along_pcs
     if args.screenshot and not _has_display():
@@ -176,10 +180,15 @@ def main(args, control) -> None:
         raise InputError(None, "--embedding", str(err),
                          "Install umap-learn or use --embedding pca.") from err
     if not window:
-        run_actions(session, maps_along_pcs=maps_along_pcs, movie_path=movie,
-                    n_frames=args.n_frames, subset_polygon=polygon,
-                    subset_clusters=args.subset_clusters, colouring=args.colour_by,
-                    control=control)
+        try:
+            run_actions(session, maps_along_pcs=maps_along_pcs, movie_path=movie,
+                        n_frames=args.n_frames, subset_polygon=polygon,
+                        subset_clusters=args.subset_clusters, colouring=args.colour_by,
+                        track_movie=args.track_movie, control=control)
+        except TrackNotFound as err:
+            raise InputError(session.star.path, "rlnDynaMightTrack", str(err),
+                             "Pick a track of this half set (--half-set), from "
+                             "particles.star.") from err
     if args.screenshot:
         from ..latent_explorer import viewer
 

@@ -50,6 +50,7 @@ from ..map_io import read_map, write_map
 from ..output_nodes import PARTICLES, OutputNode, node_name, write_output_nodes
 from ..particles_adapter import check_map_matches, load_particle_set
 from ..star_io import write_particles_star
+from ..track_plot import write_track_latents_plot
 from ..tracks import half_sets_by_track, read_tracks
 
 logger = logging.getLogger(__name__)
@@ -393,3 +394,8 @@ def _write_particles(out, args, particles, star, trainers, validation, device, c
     table["rlnDynaMightDeformationError"] = error
     write_particles_star(out / "particles.star", (star.optics, table))
     logger.info("wrote %s", out / "particles.star")
+    if trainers[1].temporal is not None and args.temporal_prior:
+        track, time_ = read_tracks(args.refinement_star_file, star.particles)
+        plot = write_track_latents_plot(out / "track_latents.png", latents, track, time_,
+                                        half_set)
+        logger.info("wrote %s (latent codes against time, a few tracks per half set)", plot)

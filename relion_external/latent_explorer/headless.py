@@ -87,6 +87,7 @@ def run_actions(
     subset_polygon: np.ndarray | None = None,  # (m, 2)
     subset_clusters: int = 0,
     colouring: str = "amount of motion",
+    track_movie: int | None = None,
     control=None,
 ) -> HeadlessOutputs:
     """Run the requested actions; always writes ``latent_space/embedding_half{H}.png``."""
@@ -99,6 +100,8 @@ def run_actions(
                                                                control=control)
     if movie_path is not None:
         out.movies.append(session.movie(movie_path, n_frames, control=control))
+    if track_movie is not None:
+        out.movies.append(session.track_movie(track_movie, n_frames, control=control))
     if subset_polygon is not None:
         out.subsets.append(session.subset_in_polygon(subset_polygon))
     if subset_clusters:

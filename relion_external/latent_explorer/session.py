@@ -54,6 +54,10 @@ class LatentPoint:
     seconds: float  # time taken
 
 
+class TrackNotFound(LookupError):
+    """``--track-movie`` of a track the view does not hold (or data that are no time series)."""
+
+
 class ExplorerSession:
     """The particles of one view, their latents and embedding, and the actions on them."""
 
@@ -250,6 +254,31 @@ class ExplorerSession:
         folder = next_movie_folder(self.output_directory / OUTPUT_FOLDER / "movies")
         return write_volume_series(folder, volumes, self.pixel_size, z)
 
+    def track_movie(self, track: int, n_frames: int, *, control=None) -> MovieResult:
+        """A time series' molecule through time: maps at the codes of the particles of
+        ``track`` (``rlnDynaMightTrack``) shown in this view, in the order of
+        ``rlnDynaMightTime``, ``n_frames`` of them evenly spaced in that order (all when the
+        track has fewer), written as ``latent_space/movies/track_K/frame_*.mrc`` and
+        ``movie.gif``. Raises :class:`TrackNotFound` when this view holds no particle of the
+        track."""
+        table = self.star.particles
+        if "rlnDynaMightTrack" not in table.columns or "rlnDynaMightTime" not in table.columns:
+            raise TrackNotFound("the particles have no rlnDynaMightTrack / rlnDynaMightTime "
+                                "columns (not a time series)")
+        tracks = table["rlnDynaMightTrack"].to_numpy()[self.indices]
+        rows = np.flatnonzero(tracks == int(track))
+        if rows.size == 0:
+            raise TrackNotFound(f"no particle of track {int(track)} in half set "
+                                f"{self.half_set}")
+        times = table["rlnDynaMightTime"].to_numpy(dtype=np.float64)[self.indices[rows]]
+        rows = rows[np.argsort(times, kind="stable")]
+        pick = np.unique(np.round(np.linspace(0, rows.size - 1, min(n_frames, rows.size)))
+                         .astype(int))
+        z = self.latents[rows[pick]]
+        volumes = self.maps(z, control=control)
+        folder = self.output_directory / OUTPUT_FOLDER / "movies" / f"track_{int(track)}"
+        return write_volume_series(folder, volumes, self.pixel_size, z)
+
     def maps_along_principal_axes(self, n_axes: int, n_frames: int, *, extent: float = 2.0,
                                   control=None) -> list[MovieResult]:
         """For each of the first ``n_axes`` principal directions of the embedded codes, maps from
@@ -392,6 +421,7 @@ __all__ = [
     "SUBSET_FOLDER",
     "ExplorerSession",
     "LatentPoint",
+    "TrackNotFound",
     "latent_codes",
     "open_session",
 ]
