@@ -12,7 +12,11 @@ import torch
 
 from dynamight_core import checkpoint_file
 from dynamight_core.checkpoint_file import (
-    CheckpointError, CheckpointWriteError, load_tagged, save_atomically)
+    CheckpointError,
+    CheckpointWriteError,
+    load_tagged,
+    save_atomically,
+)
 
 FMT = "test checkpoints"
 

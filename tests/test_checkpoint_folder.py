@@ -11,7 +11,11 @@ import torch
 
 from dynamight_core.checkpoint_file import CheckpointError, load_tagged, save_atomically
 from dynamight_core.checkpoint_folder import (
-    epoch_checkpoint_name, epoch_checkpoints, load_latest, prune)
+    epoch_checkpoint_name,
+    epoch_checkpoints,
+    load_latest,
+    prune,
+)
 
 FMT = "test checkpoints"
 
