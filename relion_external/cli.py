@@ -2,8 +2,9 @@
 
 Each command module exposes ``add_args(parser)`` and ``main(args)``. This entry point configures
 logging (line by line on stdout, so RELION's ``run.out`` shows progress as it happens), turns bad
-input into a one-paragraph error, prints full tracebacks for anything else, and writes RELION's
-exit-status file when ``--pipeline-control`` is given.
+input, damaged checkpoints and outputs that cannot be written (disk full, folder not writable)
+into a one-line error, prints full tracebacks for anything else, and writes RELION's exit-status
+file when ``--pipeline-control`` is given.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import sys
 import traceback
 
+from dynamight_core.checkpoint_file import CheckpointError, CheckpointWriteError
+
 from .commands import (
     deformable_backprojection, demo, explore_latent_space, optimize_deformations,
     optimize_inverse_deformations, reconstruct, simulate)
-from .errors import InputError
+from .errors import InputError, adapter_error
 from .job_protocol import JobAborted, PipelineControl
 
 COMMANDS = {
@@ -85,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dynamight {args.command}: aborted: {err}", file=sys.stderr, flush=True)
         control.finish("aborted")
         return 2
-    except InputError as err:
-        print(f"dynamight {args.command}: input error: {err}", file=sys.stderr, flush=True)
+    except (InputError, CheckpointError, CheckpointWriteError) as err:
+        error = adapter_error(err)
+        print(f"dynamight {args.command}: {error.label}: {error}", file=sys.stderr, flush=True)
         control.finish("failure")
         return 1
     except BaseException as err:  # noqa: BLE001 - report everything, then fail the job

@@ -31,7 +31,9 @@ deformations_half<h>.npy (float16 (n, n_g, 3) Å: each particle's Gaussian displ
 
 Running again continues a network from inv_chkpt.pth (--n-epochs is the total). An
 inv_chkpt.pth made for another forward checkpoint is kept as inv_chkpt_stale.pth and training
-starts afresh (logged).
+starts afresh (logged). Files are written under a temporary name and renamed when complete: a
+full disk or an unwritable folder ends the run with a one-line error naming the path and leaves
+no half-written file.
 
 Example (RELION-5's call form):
   dynamight optimize-inverse-deformations DynaMight/job012/ --n-epochs 50 \\
@@ -52,6 +54,7 @@ import torch
 from dynamight_core.deformed_backprojection import choose_grid_size
 from dynamight_core.device import choose_device
 from dynamight_core.fixed_point_inverse import FixedPointInverse
+from dynamight_core.checkpoint_file import CheckpointError
 from dynamight_core.inverse_checkpoint import (
     METHODS,
     load_inverse_checkpoint,
@@ -60,7 +63,7 @@ from dynamight_core.inverse_checkpoint import (
 from dynamight_core.inverse_network import InverseDeformationTrainer, InverseTrainerConfig
 from dynamight_core.inversion_error import ErrorSummary, inversion_errors
 
-from .._atomic import atomic_output
+from .._atomic import append_text, atomic_output, make_folder
 from ..errors import InputError
 from ..forward_run import ForwardRun, load_forward_run
 
@@ -176,8 +179,8 @@ def _previous_state(path: Path, run: ForwardRun) -> dict | None:
         return None
     try:
         state = load_inverse_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as err:
-        raise InputError(path, "checkpoint", f"cannot be read ({err})",
+    except CheckpointError as err:
+        raise InputError(path, "checkpoint", err.problem,
                          "Delete it to train the inverse deformations afresh.") from err
     saved = {k: state["config"].get(k) for k in ("forward_checkpoint", "forward_epoch")}
     if saved == _forward_identity(run):
@@ -271,10 +274,9 @@ def _train(args, run, latents, trainers, epoch, path, grid_size, control) -> int
                     "%.0f s left", epoch, args.n_epochs, stats[1]["data"], stats[1]["rms"],
                     stats[1]["smooth"], stats[2]["data"], stats[2]["rms"], stats[2]["smooth"],
                     rate, left)
-        with open(log, "a") as f:
-            f.write(" ".join([f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}"
-                                                  for h in (1, 2) for k in ("data", "smooth")])
-                    + "\n")
+        append_text(log, " ".join([f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}"
+                                                        for h in (1, 2)
+                                                        for k in ("data", "smooth")]) + "\n")
         _save(path, args, run, grid_size, epoch, trainers, {})
     return epoch
 
@@ -339,13 +341,14 @@ def _save_deformations(args, run, latents, folder: Path, control) -> None:
                 row += len(idx)
             array.flush()
             del array
-        with atomic_output(folder / f"deformations_half{half}.pt") as tmp:
+        with (atomic_output(folder / f"deformations_half{half}.pt") as tmp,
+              open(tmp, "wb") as f):
             torch.save({"format": "dynamight-relion deformations", "version": 1,
                         "half": half, "indices": torch.from_numpy(order),
                         "latents": lat.of(order).float().cpu(),
                         "consensus": model.gaussians.positions.detach().float().cpu(),
                         "displacements_file": npy.name, "displacements_dtype": "float16",
-                        "units": "angstrom"}, tmp)
+                        "units": "angstrom"}, f)
         logger.info("wrote %s (%d particles x %d Gaussians, %.1f MiB) and its index file", npy,
                     n, n_g, npy.stat().st_size / 2**20)
 
@@ -360,8 +363,7 @@ def main(args, control) -> None:
     device = choose_device(args.gpu_id)
     run = load_forward_run(out, checkpoint_file=args.checkpoint_file, device=device,
                            preload_images=args.preload_images)
-    folder = out / INVERSE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(out / INVERSE_DIR)
     path = folder / CHECKPOINT_NAME
     consensus = run.models[1].gaussians.positions.detach()
     grid_size = args.grid_size or choose_grid_size(consensus, run.models[1].box_size,
