@@ -129,18 +129,23 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
-def test_continue_skips_a_damaged_latest_checkpoint(tiny, tmp_path, capsys):
+def test_continue_skips_a_damaged_latest_checkpoint_and_keeps_the_newest(tiny, tmp_path,
+                                                                          capsys):
     out = tmp_path / "job"
     checkpoints = out / "forward_deformations" / "checkpoints"
-    assert _optimize_tiny(tiny, out, "--n-epochs", "3") == 0
-    _truncate(checkpoints / "003.pth")  # e.g. the machine went down while it was written
+    assert _optimize_tiny(tiny, out, "--n-epochs", "4", "--keep-checkpoints", "2") == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "003.pth", "004.pth", "checkpoint_final.pth"]
+    _truncate(checkpoints / "004.pth")  # e.g. the machine went down while it was written
     _truncate(checkpoints / "checkpoint_final.pth")
     capsys.readouterr()
-    assert _optimize_tiny(tiny, out, "--n-epochs", "4") == 0
+    assert _optimize_tiny(tiny, out, "--n-epochs", "5", "--keep-checkpoints", "2") == 0
     log = capsys.readouterr().out
-    assert "003.pth: is truncated" in log and "checkpoint_final.pth: is truncated" in log
-    assert "using the previous intact checkpoint" in log and "002.pth (epoch 2)" in log
-    assert torch.load(checkpoints / "checkpoint_final.pth", weights_only=True)["epoch"] == 4
+    assert "004.pth: is truncated" in log and "checkpoint_final.pth: is truncated" in log
+    assert "using the previous intact checkpoint" in log and "003.pth (epoch 3)" in log
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "004.pth", "005.pth", "checkpoint_final.pth"]
+    assert torch.load(checkpoints / "checkpoint_final.pth", weights_only=True)["epoch"] == 5
 
 
 def test_a_damaged_or_pickled_checkpoint_file_is_a_one_line_error(tiny, tmp_path, capsys):

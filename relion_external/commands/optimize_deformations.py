@@ -8,7 +8,7 @@ models infer its latent codes and the disagreement of their deformations |d1 - d
 reported.
 
 Outputs (in --output-directory): forward_deformations/checkpoints/NNN.pth (every
---checkpoint-interval epochs) and checkpoint_final.pth,
+--checkpoint-interval epochs, the newest --keep-checkpoints kept) and checkpoint_final.pth,
 forward_deformations/volumes/volume_half{1,2}_NNN.mrc (each half's consensus Gaussians
 rendered), forward_deformations/loss_log.txt (one line per epoch), and particles.star: the input
 particles plus rlnDynaMightLatent1..d (mean latent code from the particle's own half),
@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from dynamight_core.checkpoint import (
-    FINAL_NAME, epoch_checkpoint_name, load_checkpoint, load_latest_checkpoint, save_checkpoint)
+    FINAL_NAME, epoch_checkpoint_name, load_checkpoint, load_latest_checkpoint,
+    prune_checkpoints, save_checkpoint)
 from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
 from dynamight_core.early_stopping import EarlyStopping
 from dynamight_core.device import (
@@ -100,6 +101,10 @@ def add_args(p) -> None:
     p.add_argument("--random-half-sets", action="store_true",
                    help="split randomly when the STAR file has no rlnRandomSubset")
     p.add_argument("--checkpoint-interval", type=int, default=5)
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                   help="keep the newest N epoch checkpoints (NNN.pth), deleting older ones "
+                        "once a new one is written; checkpoint_final.pth is always kept; "
+                        "0 = keep all (default 3)")
     p.add_argument("--consensus-update-interval", type=int, default=5)
     p.add_argument("--n-map-fit-steps", type=int, default=100)
     p.add_argument("--beta", type=float, default=0.1,
@@ -321,6 +326,7 @@ def main(args, control) -> None:
             save_checkpoint(fwd / "checkpoints" / epoch_checkpoint_name(epoch),
                             _checkpoint_state(args, trainers, validation, particles.half_set,
                                               epoch, stopping, stopped_early))
+            prune_checkpoints(fwd / "checkpoints", args.keep_checkpoints)
             _write_volumes(fwd / "volumes", trainers, epoch, particles)
     if not latents_final:
         _finalise_latents(args, particles, trainers, device, control)
