@@ -3,12 +3,16 @@
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it loads with
 ``torch.load(path, weights_only=True)`` (no pickled modules or classes)::
 
-    {"format": "dynamight-relion forward deformations", "version": 2,
+    {"format": "dynamight-relion forward deformations", "version": 3,
      "epoch": int,                       # epochs completed
      "config": {...},                    # the command's settings (plain values)
-     "half_set": (n,) long, "validation": (n,) bool,
+     "half_set": (n,) int8, "validation": (n,) bool,
      "global_rng": torch.get_rng_state(),
      "halves": {"1": HalfSetTrainer.state_dict(), "2": ...}}  # networks, optimiser, RNGs
+
+Nothing is stored that can be recomputed, and the halves' common initial Gaussian positions are
+one tensor (``torch.save`` writes a shared tensor once). Version 2 files (int64 half sets and
+indices, a per-particle latent precision table) are still read.
 
 A folder of checkpoints holds ``NNN.pth`` (epochs completed) and ``checkpoint_final.pth``.
 Files are written beside their destination, synced and renamed (:mod:`.checkpoint_file`), so a
@@ -28,8 +32,8 @@ from .checkpoint_folder import epoch_checkpoint_name, load_latest, prune
 logger = logging.getLogger(__name__)
 
 FORMAT = "dynamight-relion forward deformations"
-VERSION = 2  # 2: latent codes per particle, no image encoder
-READABLE_VERSIONS = frozenset({VERSION})
+VERSION = 3  # 2: latent codes per particle, no image encoder; 3: no redundant data
+READABLE_VERSIONS = frozenset({2, 3})  # version 2 checkpoints still continue exactly
 FINAL_NAME = "checkpoint_final.pth"
 
 

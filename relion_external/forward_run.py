@@ -129,7 +129,7 @@ def load_forward_run(
     particles, star = load_particle_set(star_path, project_dir=project,
                                         random_split=bool(config.get("random_half_sets")),
                                         seed=int(config.get("seed", 0)), preload=preload_images)
-    half_set = state["half_set"]
+    half_set = state["half_set"].long()
     if half_set.shape[0] != len(particles):
         raise InputError(star_path, "data_particles",
                          f"has {len(particles)} particles, the checkpoint {path} was trained "

@@ -51,6 +51,9 @@ def test_cli_writes_all_outputs(small, tmp_path):
     for name in ("001.pth", "002.pth", "003.pth", "checkpoint_final.pth"):
         state = torch.load(fwd / "checkpoints" / name, weights_only=True)
         assert set(state["halves"]) == {"1", "2"}
+        assert state["half_set"].dtype == torch.int8  # nothing stored twice or too wide
+        first, second = (state["halves"][h]["initial_positions"] for h in ("1", "2"))
+        assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
     for half in (1, 2):
         assert (fwd / "volumes" / f"volume_half{half}_003.mrc").exists()
     assert len((fwd / "loss_log.txt").read_text().splitlines()) == 3

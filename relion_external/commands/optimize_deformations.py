@@ -204,7 +204,8 @@ def _resume(path, state, particles, device):
                 for h, s in state["halves"].items()}
     torch.set_rng_state(state["global_rng"])  # unused by training; restored for completeness
     logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
-    return trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"], state
+    return (trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"].long(),
+            state)
 
 
 # settings fixed by the checkpoint when continuing (the model and its training rule)
@@ -236,10 +237,14 @@ def _checkpoint_state(args, trainers, validation, half_set, epoch, stopping: Ear
     config = {k: v for k, v in vars(args).items()
               if isinstance(v, (int, float, str, bool)) or v is None}
     config.pop("_module", None)
-    return {"epoch": epoch, "config": config, "half_set": half_set.clone(),
+    halves = {str(h): t.state_dict() for h, t in trainers.items()}
+    first, second = halves["1"]["initial_positions"], halves["2"]["initial_positions"]
+    if torch.equal(first, second):  # the common initial model: saved once
+        halves["2"]["initial_positions"] = first
+    return {"epoch": epoch, "config": config, "half_set": half_set.to(torch.int8),
             "validation": validation.clone(), "global_rng": torch.get_rng_state(),
             "early_stopping": stopping.state_dict(), "stopped_early": stopped_early,
-            "halves": {str(h): t.state_dict() for h, t in trainers.items()}}
+            "halves": halves}
 
 
 def _write_volumes(folder: Path, trainers, epoch: int, particles) -> None:
