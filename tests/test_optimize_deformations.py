@@ -165,6 +165,9 @@ def test_a_damaged_or_pickled_checkpoint_file_is_a_one_line_error(tiny, tmp_path
     _truncate(truncated)
     assert _optimize_tiny(tiny, tmp_path / "out", "--checkpoint-file", str(truncated)) == 1
     _one_line_error(capsys, str(truncated), "truncated")
+    missing = tmp_path / "missing.pth"
+    assert _optimize_tiny(tiny, tmp_path / "out", "--checkpoint-file", str(missing)) == 1
+    _one_line_error(capsys, str(missing), "--checkpoint-file: does not exist")
 
 
 def test_disk_full_is_a_one_line_error_and_leaves_no_partial_checkpoint(tiny, tmp_path,

@@ -189,7 +189,12 @@ def _checkpoint_to_resume(args, folder: Path) -> tuple[Path, dict] | None:
     """--checkpoint-file (it must be intact), else the latest intact checkpoint of ``folder``
     (a damaged newer one is skipped with a warning), else None."""
     if args.checkpoint_file:
-        return Path(args.checkpoint_file), load_checkpoint(args.checkpoint_file)
+        path = Path(args.checkpoint_file)
+        if not path.is_file():
+            raise InputError(path, "--checkpoint-file", "does not exist",
+                             "Give a checkpoint of optimize-deformations "
+                             "(forward_deformations/checkpoints/*.pth).")
+        return path, load_checkpoint(path)
     return load_latest_checkpoint(folder)
 
 
