@@ -3,73 +3,72 @@
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it loads with
 ``torch.load(path, weights_only=True)`` (no pickled modules or classes)::
 
-    {"format": "dynamight-relion forward deformations", "version": 1,
+    {"format": "dynamight-relion forward deformations", "version": 3,
      "epoch": int,                       # epochs completed
      "config": {...},                    # the command's settings (plain values)
-     "half_set": (n,) long, "validation": (n,) bool,
+     "half_set": (n,) int8, "validation": (n,) bool,
      "global_rng": torch.get_rng_state(),
      "halves": {"1": HalfSetTrainer.state_dict(), "2": ...}}  # networks, optimiser, RNGs
 
-Files are written beside their destination and renamed, so a reader never sees half a file.
+Nothing is stored that can be recomputed, and the halves' common initial Gaussian positions are
+one tensor (``torch.save`` writes a shared tensor once). Version 2 files (int64 half sets and
+indices, a per-particle latent precision table) are still read.
+
+A folder of checkpoints holds ``NNN.pth`` (epochs completed) and ``checkpoint_final.pth``.
+Files are written beside their destination, synced and renamed (:mod:`.checkpoint_file`), so a
+reader never sees half a file; a damaged or foreign file raises :class:`CheckpointError`, and
+:func:`load_latest_checkpoint` falls back to the newest intact one with a warning.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
-import uuid
 from os import PathLike
 from pathlib import Path
 
-import torch
+from .checkpoint_file import CheckpointError, load_tagged, save_atomically
+from .checkpoint_folder import epoch_checkpoint_name, load_latest, prune
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "dynamight-relion forward deformations"
-VERSION = 2  # 2: latent codes per particle, no image encoder
+VERSION = 3  # 2: latent codes per particle, no image encoder; 3: no redundant data
+READABLE_VERSIONS = frozenset({2, 3})  # version 2 checkpoints still continue exactly
+FINAL_NAME = "checkpoint_final.pth"
 
 
 def save_checkpoint(path: str | PathLike, state: dict) -> None:
-    """Write ``state`` (plain data, see module docstring) atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **state}
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``state`` (plain data, see module docstring) atomically to ``path``;
+    :class:`~.checkpoint_file.CheckpointWriteError` naming ``path`` when it cannot be."""
+    save_atomically({"format": FORMAT, "version": VERSION, **state}, path)
     logger.debug("saved checkpoint %s (epoch %s)", path, state.get("epoch"))
 
 
 def load_checkpoint(path: str | PathLike) -> dict:
-    """Read a checkpoint with ``weights_only=True`` (CPU tensors); checks the format tag."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} checkpoint")
-    if int(state.get("version", -1)) > VERSION:
-        raise ValueError(f"{path}: checkpoint version {state['version']} is newer than {VERSION}")
-    return state
+    """Read a checkpoint (``weights_only=True``, CPU tensors); :class:`CheckpointError` naming
+    the file when it is damaged, not a checkpoint, or of another version."""
+    return load_tagged(path, FORMAT, READABLE_VERSIONS)
+
+
+def load_latest_checkpoint(folder: str | PathLike) -> tuple[Path, dict] | None:
+    """The intact checkpoint of ``folder`` with the most completed epochs and its state, or
+    None (:func:`.checkpoint_folder.load_latest`: damaged newer ones are skipped with a
+    warning)."""
+    return load_latest(folder, Path(folder) / FINAL_NAME, load_checkpoint)
 
 
 def latest_checkpoint(folder: str | PathLike) -> Path | None:
-    """The checkpoint with the most completed epochs in ``folder`` (``NNN.pth`` or
-    ``checkpoint_final.pth``), or None."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    best: tuple[int, int, Path] | None = None
-    for path in folder.glob("*.pth"):
-        if not (re.fullmatch(r"\d+\.pth", path.name) or path.name == "checkpoint_final.pth"):
-            continue
-        epoch = int(load_checkpoint(path)["epoch"])
-        rank = (epoch, int(path.name == "checkpoint_final.pth"), path)
-        if best is None or rank[:2] > best[:2]:
-            best = rank
-    return None if best is None else best[2]
+    """The path :func:`load_latest_checkpoint` chooses, or None."""
+    found = load_latest_checkpoint(folder)
+    return None if found is None else found[0]
 
 
-__all__ = ["FORMAT", "VERSION", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+def prune_checkpoints(folder: str | PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``NNN.pth`` files of ``folder`` (``keep`` <= 0:
+    none); ``checkpoint_final.pth`` is never deleted."""
+    return prune(folder, keep)
+
+
+__all__ = ["FINAL_NAME", "FORMAT", "READABLE_VERSIONS", "VERSION", "CheckpointError", "epoch_checkpoint_name",
+           "latest_checkpoint", "load_checkpoint", "load_latest_checkpoint",
+           "prune_checkpoints", "save_checkpoint"]

@@ -9,11 +9,13 @@ processes. Everything random comes from those generators (network initialisation
 restored from :meth:`state_dict` continues exactly.
 
 Latent codes (:mod:`dynamight_core.latent_inference`): every particle the trainer knows (its
-training particles and, when given, its validation particles) has a Gaussian posterior
-``N(z, H⁻¹)`` in a table, starting at the prior ``N(0, I)``. Each time a training particle is
-visited, one Gauss-Newton step through the current model (the decoder's forward-mode
-derivatives and one extra render per latent dimension; no backward pass) moves its stored code
-towards the posterior mode, and the decoder trains on a draw from the new posterior: variational
+training particles and, when given, its validation particles) has a code ``z`` in a table,
+starting at the prior mean 0. Each time a training particle is visited, one Gauss-Newton step
+through the current model (the decoder's forward-mode derivatives and one extra render per
+latent dimension; no backward pass) moves its stored code towards the posterior mode, and the
+decoder trains on a draw from the new Gaussian posterior ``N(z, H⁻¹)`` (its precision ``H``
+comes from that step and is not stored, except for the temporal prior's fit: the next visit
+computes it afresh): variational
 EM with a Laplace posterior instead of an encoder network. Codes of validation
 particles (never trained on) and of particles the trainer does not know are inferred with the
 model fixed (:meth:`HalfSetTrainer.infer`: damped Gauss-Newton steps, ``inference_steps`` from
@@ -142,8 +144,6 @@ class HalfSetTrainer:
                                       c.pixel_size).to(self.device)
         self.latents = torch.zeros(self.known_indices.shape[0], c.latent_dim,
                                    device=self.device)
-        self.latent_precision = torch.eye(c.latent_dim, device=self.device).repeat(
-            self.known_indices.shape[0], 1, 1)
         self.final_latents: torch.Tensor | None = None  # see finalise_latents
         self.model.decoder_dtype = {"float32": torch.float32,
                                     "bfloat16": torch.bfloat16}[c.decoder_precision]
@@ -167,6 +167,8 @@ class HalfSetTrainer:
         self.regularization_weight = 0.0
         self.temporal: TemporalPrior | None = None  # see set_tracks
         self._tracks: tuple[np.ndarray, np.ndarray] | None = None
+        # Gauss-Newton precisions of the stored codes: kept only for the temporal prior's fit
+        self.latent_precision: torch.Tensor | None = None
 
     # -- schedule -------------------------------------------------------------------------
     @property
@@ -198,6 +200,8 @@ class HalfSetTrainer:
             correlation_time = 5.0 * (float(np.median(steps)) if steps.size else 1.0)
         self._tracks = (track, time)
         self.temporal = TemporalPrior(layout, correlation_time, self.device)
+        self.latent_precision = torch.eye(self.config.latent_dim, device=self.device).repeat(
+            self.known_indices.shape[0], 1, 1)
 
     def _prior(self, rows: torch.Tensor, known: torch.Tensor | None = None):
         """The ``prior`` of :mod:`.latent_inference` for code-table ``rows`` (None: N(0, I)),
@@ -244,7 +248,8 @@ class HalfSetTrainer:
             prior=self._prior(rows, known))
         if store and bool(known.any()):
             self.latents[rows[known]] = mean[known]
-            self.latent_precision[rows[known]] = precision[known]
+            if self.latent_precision is not None:
+                self.latent_precision[rows[known]] = precision[known]
         return mean, precision
 
     @property
@@ -359,7 +364,8 @@ class HalfSetTrainer:
                                                  self.pixel_weights, self.config.beta, prior)
         mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)
         self.latents[rows] = mean
-        self.latent_precision[rows] = precision
+        if self.latent_precision is not None:
+            self.latent_precision[rows] = precision
         return mean, precision, prior
 
     @torch.no_grad()
@@ -416,17 +422,21 @@ class HalfSetTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors, numbers and plain dicts only (loadable with ``weights_only=True``)."""
+        """Tensors, numbers and plain dicts only (loadable with ``weights_only=True``), nothing
+        that can be recomputed: particle indices as int32, the training particles as a mask
+        over the known ones, Gaussian classes as int16."""
+        gaussians = self.model.gaussians.state_dict()
+        gaussians["class_index"] = gaussians["class_index"].to(torch.int16)
         return {
             "half": self.half, "epoch": self.epoch, "config": self.config.to_dict(),
-            "gaussians": self.model.gaussians.state_dict(),
+            "gaussians": gaussians,
             "decoder": self.model.decoder.state_dict(),
-            "latents": self.latents.cpu(), "latent_precision": self.latent_precision.cpu(),
+            "latents": self.latents.cpu(),
             **({} if self.final_latents is None else {"final_latents": self.final_latents.cpu()}),
-            "known_indices": torch.from_numpy(self.known_indices),
+            "known_indices": torch.from_numpy(self.known_indices.astype(np.int32)),
+            "is_training": torch.from_numpy(np.isin(self.known_indices, self.train_indices)),
             "optimiser": self.optimiser.state_dict(),
             "noise_power_sum": self.noise.power_sum.cpu(), "noise_count": self.noise.count.cpu(),
-            "train_indices": torch.from_numpy(self.train_indices),
             "shuffle_rng": self.shuffle_generator.get_state(),
             "sample_rng": self.sample_generator.get_state(),
             "regularization_weight": self.regularization_weight,
@@ -434,10 +444,13 @@ class HalfSetTrainer:
             **({} if self.temporal is None else {"temporal": {
                 "track": torch.from_numpy(self._tracks[0]),
                 "time": torch.from_numpy(self._tracks[1]),
-                "correlation_time": self.temporal.correlation_time}}),
+                "correlation_time": self.temporal.correlation_time,
+                "latent_precision": self.latent_precision.cpu()}}),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (also the layout of format version 2: int64
+        ``train_indices`` and a ``latent_precision`` table, which is not needed)."""
         if "latents" not in state:
             raise ValueError("checkpoint of an earlier version (image encoder): its training "
                              "cannot be continued by this one; start a new run")
@@ -446,7 +459,6 @@ class HalfSetTrainer:
         self.model.decoder.load_state_dict(state["decoder"])
         self.known_indices = state["known_indices"].numpy().astype(np.int64)
         self.latents = state["latents"].to(self.device)
-        self.latent_precision = state["latent_precision"].to(self.device)
         final = state.get("final_latents")
         self.final_latents = None if final is None else final.to(self.device)
         self.model.to(self.device)
@@ -454,19 +466,24 @@ class HalfSetTrainer:
         self.noise.power_sum.copy_(state["noise_power_sum"])
         self.noise.count.copy_(state["noise_count"])
         self._refresh_noise()
-        self.train_indices = state["train_indices"].numpy().astype(np.int64)
+        if "is_training" in state:
+            self.train_indices = self.known_indices[state["is_training"].numpy()]
+        else:
+            self.train_indices = state["train_indices"].numpy().astype(np.int64)
         self.shuffle_generator.set_state(state["shuffle_rng"])
         self.sample_generator.set_state(state["sample_rng"])
         self.regularization_weight = float(state["regularization_weight"])
-        self.initial_positions = state["initial_positions"].to(self.device)
+        # a copy: the halves' checkpoint may hold one tensor for both (same initial model)
+        self.initial_positions = state["initial_positions"].to(self.device, copy=True)
         temporal = state.get("temporal")
         if temporal is None:
-            self.temporal, self._tracks = None, None
+            self.temporal, self._tracks, self.latent_precision = None, None, None
         else:
             track, time = temporal["track"].numpy(), temporal["time"].numpy()
             self._tracks = (track, time)
             self.temporal = TemporalPrior(TrackLayout.from_tracks(track, time),
                                           float(temporal["correlation_time"]), self.device)
+            self.latent_precision = temporal["latent_precision"].to(self.device)
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> HalfSetTrainer:
@@ -476,8 +493,10 @@ class HalfSetTrainer:
         gaussians = GaussianModel.from_config(
             {"n_gaussians": config.n_gaussians, "n_classes": config.n_classes})
         gaussians.load_state_dict(state["gaussians"])
-        trainer = cls(int(state["half"]), config, gaussians, state["train_indices"].numpy(),
-                      device)
+        known = state["known_indices"].numpy().astype(np.int64)
+        train = (known[state["is_training"].numpy()] if "is_training" in state
+                 else state["train_indices"].numpy())
+        trainer = cls(int(state["half"]), config, gaussians, train, device)
         trainer.load_state_dict(state)
         return trainer
 

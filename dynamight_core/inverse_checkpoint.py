@@ -1,17 +1,16 @@
 """Checkpoints of the inverse-deformation stage: plain data (tensors, numbers, strings, lists,
 dicts) tagged with a format name and version, loadable with ``torch.load(weights_only=True)``;
-no pickled modules.
+no pickled modules. Written and read through :mod:`.checkpoint_file` (atomic writes, damaged
+files refused with a reason).
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from os import PathLike
-from pathlib import Path
 
 import torch
 
+from .checkpoint_file import load_tagged, save_atomically
 from .inverse_network import InverseDeformationNetwork, InverseTrainerConfig
 
 METHODS = ("network", "fixed-point")
@@ -21,27 +20,17 @@ CHECKPOINT_VERSION = 1
 
 def save_inverse_checkpoint(path: str | PathLike, state: dict) -> None:
     """Write ``state`` (plain data: tensors, numbers, strings, lists, dicts) atomically, tagged
-    with :data:`CHECKPOINT_FORMAT`; loadable with ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with :data:`CHECKPOINT_FORMAT`; loadable with ``torch.load(weights_only=True)``.
+    :class:`~.checkpoint_file.CheckpointWriteError` naming ``path`` when it cannot be written
+    (nothing is left under its name)."""
+    save_atomically({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
 
 
 def load_inverse_checkpoint(path: str | PathLike) -> dict:
-    """Read an inverse checkpoint (``weights_only=True``, CPU tensors); checks the format tag."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
-    if int(state.get("version", -1)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: version {state['version']} is newer than "
-                         f"{CHECKPOINT_VERSION}")
-    return state
+    """Read an inverse checkpoint (``weights_only=True``, CPU tensors);
+    :class:`~.checkpoint_file.CheckpointError` naming the file when it is damaged, not an
+    inverse checkpoint, or of another version."""
+    return load_tagged(path, CHECKPOINT_FORMAT, {CHECKPOINT_VERSION})
 
 
 def networks_from_checkpoint(state: dict, device: torch.device | str = "cpu",
@@ -59,7 +48,6 @@ def networks_from_checkpoint(state: dict, device: torch.device | str = "cpu",
         net.load_state_dict(half_state["network"])
         networks[int(half)] = net.to(device).eval()
     return networks
-
 
 
 __all__ = [

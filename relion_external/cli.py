@@ -2,7 +2,8 @@
 
 Each command module exposes ``add_args(parser)`` and ``main(args)``. This entry point configures
 logging (line by line on stdout, so RELION's ``run.out`` shows progress as it happens), turns bad
-input into a one-paragraph error, prints full tracebacks for anything else, and writes RELION's
+input, damaged checkpoints and outputs that cannot be written (disk full, folder not
+writable) into a one-line error, prints full tracebacks for anything else, and writes RELION's
 exit-status file when ``--pipeline-control`` is given: on every way out, a bad command line
 (found before parsing), ``--help``, SIGTERM and SIGHUP included, with a one-line reason as the
 last line of stderr (``run.err``). The tasks of RELION-5's DynaMight job accept each other's
@@ -17,6 +18,8 @@ import shlex
 import sys
 import traceback
 
+from dynamight_core.checkpoint_file import CheckpointError, CheckpointWriteError
+
 from .appended_options import (
     RELION5_TASKS, accept_options_of_other_tasks, ignored_option_warnings)
 from .argument_parser import (
@@ -24,7 +27,7 @@ from .argument_parser import (
 from .commands import (
     deformable_backprojection, demo, explore_latent_space, optimize_deformations,
     optimize_inverse_deformations, reconstruct, simulate)
-from .errors import InputError
+from .errors import InputError, adapter_error
 from .job_protocol import (
     JobAborted, PipelineControl, pipeline_control_from_argv, signals_raise_terminated)
 
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         except JobAborted as err:
             fail("aborted", str(err), "aborted")
             return 2
-        except InputError as err:
-            fail("input error", str(err))
+        except (InputError, CheckpointError, CheckpointWriteError) as err:
+            error = adapter_error(err)
+            fail(error.label, str(error))
             return 1
         except BaseException as err:  # noqa: BLE001 - report everything, then fail the job
             traceback.print_exc(file=sys.stderr)

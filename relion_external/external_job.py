@@ -83,7 +83,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import InputError
+from dynamight_core.checkpoint_file import CheckpointError, CheckpointWriteError
+
+from .errors import InputError, adapter_error
 from .external_job_args import (
     PROG,
     STAGE_COMMANDS,
@@ -251,8 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as err:
             fail("argument error", str(err), with_traceback=False)
             return 1
-        except InputError as err:
-            fail("input error", str(err), with_traceback=True)
+        except (InputError, CheckpointError, CheckpointWriteError) as err:
+            error = adapter_error(err)
+            fail(error.label, str(error), with_traceback=True)
             return 1
         except BaseException as err:  # noqa: BLE001 - report everything, then fail the job
             fail("failed", f"{type(err).__name__}: {err}", with_traceback=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynamight_core.checkpoint import latest_checkpoint, load_checkpoint
+from dynamight_core.checkpoint import FINAL_NAME, latest_checkpoint, load_checkpoint
+from dynamight_core.checkpoint_file import CheckpointError
 from dynamight_core.deformation_model import Batch, DeformationModel, make_batch
 from dynamight_core.half_set_trainer import HalfSetTrainer
 from dynamight_core.particles import ParticleSet
@@ -90,7 +91,7 @@ def find_forward_checkpoint(output_directory: str | PathLike,
                              "Give a checkpoint written by optimize-deformations "
                              "(forward_deformations/checkpoints/*.pth).")
         return path
-    final = out / FORWARD_CHECKPOINTS / "checkpoint_final.pth"
+    final = out / FORWARD_CHECKPOINTS / FINAL_NAME
     if final.is_file():
         return final
     latest = latest_checkpoint(out / FORWARD_CHECKPOINTS)
@@ -116,9 +117,11 @@ def load_forward_run(
     path = find_forward_checkpoint(out, checkpoint_file)
     try:
         state = load_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as err:
-        raise InputError(path, "checkpoint", f"cannot be read ({err})",
-                         "Give a checkpoint written by optimize-deformations.") from err
+    except CheckpointError as err:
+        raise InputError(path, "checkpoint", err.problem,
+                         "Give an intact checkpoint of optimize-deformations with "
+                         "--checkpoint-file, or run optimize-deformations again (it continues "
+                         "from its last intact checkpoint).") from err
     config = dict(state["config"])
     device = torch.device(device)
     star_path = _particles_star(out, path, config)
@@ -126,7 +129,7 @@ def load_forward_run(
     particles, star = load_particle_set(star_path, project_dir=project,
                                         random_split=bool(config.get("random_half_sets")),
                                         seed=int(config.get("seed", 0)), preload=preload_images)
-    half_set = state["half_set"]
+    half_set = state["half_set"].long()
     if half_set.shape[0] != len(particles):
         raise InputError(star_path, "data_particles",
                          f"has {len(particles)} particles, the checkpoint {path} was trained "

@@ -32,6 +32,7 @@ import torch
 from dynamight_core.fsc import combined_map_fsc, fsc, resolution_at_threshold
 from dynamight_core.quality_scores import gap_closed, knn_r2
 
+from ._atomic import atomic_output
 from .map_io import read_map
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def write_comparison_star(result: TruthComparison, path: Path) -> None:
                           / np.maximum(shells, 1)})
     for key, curve in result.curves.items():
         table[f"dm_{key}"] = curve
-    starfile.write({"comparison": table}, path, overwrite=True)
+    with atomic_output(path) as tmp:
+        starfile.write({"comparison": table}, tmp, overwrite=True)
 
 
 def write_comparison_png(result: TruthComparison, path: Path) -> None:
@@ -155,7 +157,8 @@ def write_comparison_png(result: TruthComparison, path: Path) -> None:
                          "deformed": "DynaMight"}[name] + ", central slice", fontsize=9)
         image.set_xticks([])
         image.set_yticks([])
-    figure.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
 
 

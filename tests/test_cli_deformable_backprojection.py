@@ -3,7 +3,10 @@ epochs) -> deformed half maps, FSC, exit files, errors; and the halves' independ
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import mrcfile
@@ -156,3 +159,39 @@ def test_codes_used_are_the_ones_written_to_particles_star(trained):
         np.testing.assert_allclose(own, written[rows], rtol=1e-5, atol=1e-6)
         other = run.latents(3 - half, batch).cpu().numpy()
         assert np.abs(other - own).max() > 1e-3
+
+
+def _one_line_error(capsys, *names: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+
+
+def test_disk_full_is_a_one_line_error_and_leaves_no_partial_map(trained, tmp_path, capsys,
+                                                                 monkeypatch):
+    _, job = trained
+    out = tmp_path / "job"
+    shutil.copytree(job / "forward_deformations", out / "forward_deformations")
+    shutil.copy(job / "particles.star", out / "particles.star")
+
+    def disk_full(fd):  # the data written so far only fails to reach the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    control = tmp_path / "relion_job"
+    control.mkdir()
+    assert main(["deformable-backprojection", str(out), "--batch-size", "40", "--n-threads",
+                 "1", "--downsample", "2", "--pipeline-control", str(control)]) == 1
+    _one_line_error(capsys, str(out / "backprojection" / "map_half1.mrc"), "no space left")
+    assert (control / "RELION_JOB_EXIT_FAILURE").exists()
+    assert list((out / "backprojection").iterdir()) == []
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
+    _, job = trained
+    damaged = tmp_path / "checkpoint_final.pth"
+    data = (job / "forward_deformations" / "checkpoints" / "checkpoint_final.pth").read_bytes()
+    damaged.write_bytes(data[:len(data) // 3])
+    assert main(["deformable-backprojection", str(job), "--checkpoint-file", str(damaged)]) == 1
+    _one_line_error(capsys, str(damaged), "truncated")

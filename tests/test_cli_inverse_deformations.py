@@ -3,6 +3,7 @@ epochs) -> inverse deformations with both methods, RELION-5's call form, resume,
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,46 @@ def test_inverse_of_another_forward_checkpoint_is_set_aside(forward_run, tmp_pat
     assert (folder / "inv_chkpt_stale.pth").exists()
     state = torch.load(folder / "inv_chkpt.pth", weights_only=True)
     assert state["config"]["forward_checkpoint"] == "forward_deformations/checkpoints/003.pth"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_continue_skips_a_damaged_checkpoint_and_keeps_the_newest(forward_run, tmp_path,
+                                                                   capsys):
+    job = _copy(forward_run, tmp_path)
+    folder = job / "inverse_deformations"
+    assert _inverse(job, "--method", "network", "--n-epochs", "3", "--keep-checkpoints",
+                    "2") == 0
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["002.pth", "003.pth"]
+    _truncate(folder / "inv_chkpt.pth")
+    _truncate(folder / "checkpoints" / "003.pth")
+    capsys.readouterr()
+    assert _inverse(job, "--method", "network", "--n-epochs", "4", "--keep-checkpoints",
+                    "2") == 0
+    log = capsys.readouterr().out
+    assert "inv_chkpt.pth: is truncated" in log and "003.pth: is truncated" in log
+    assert "using the previous intact checkpoint" in log and "002.pth (epoch 2)" in log
+    assert "inverse epoch 3/4" in log
+    assert torch.load(folder / "inv_chkpt.pth", weights_only=True)["epoch"] == 4
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["003.pth", "004.pth"]
+
+
+def test_disk_full_is_a_one_line_error_and_leaves_no_partial_file(forward_run, tmp_path,
+                                                                  capsys, monkeypatch):
+    job = _copy(forward_run, tmp_path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    control = tmp_path / "relion_job"
+    control.mkdir()
+    assert _inverse(job, "--pipeline-control", str(control)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(job / "inverse_deformations" / "inv_chkpt.pth") in err and "no space left" in err
+    assert (control / "RELION_JOB_EXIT_FAILURE").exists()
+    assert list((job / "inverse_deformations").iterdir()) == []

@@ -374,6 +374,32 @@ def test_resumed_training_matches_uninterrupted(dataset, tmp_path):
                 assert b[h][key] == pytest.approx(a[h][key], rel=1e-5, abs=1e-8), (h, key)
 
 
+def test_checkpoint_state_holds_nothing_redundant_and_version_2_still_loads(dataset):
+    particles, _ = dataset
+    validation = split_validation(particles.half_set, 0.2, seed=1)
+    t = make_trainers(dataset, validation, n_warmup_epochs=0)[1]
+    run_epochs({1: t}, particles, 1)
+    state = t.state_dict()
+    assert "latent_precision" not in state and "train_indices" not in state
+    assert state["known_indices"].dtype == torch.int32 and state["is_training"].dtype == torch.bool
+    assert state["gaussians"]["class_index"].dtype == torch.int16
+    n, d = t.latents.shape
+    version_2 = {**state, "known_indices": torch.from_numpy(t.known_indices),
+                 "train_indices": torch.from_numpy(t.train_indices),
+                 "latent_precision": torch.eye(d).repeat(n, 1, 1),
+                 "gaussians": {**state["gaussians"],
+                               "class_index": t.model.gaussians.class_index.clone()}}
+    del version_2["is_training"]
+    for saved in (state, version_2):
+        restored = HalfSetTrainer.from_state_dict(saved, CPU)
+        np.testing.assert_array_equal(restored.train_indices, t.train_indices)
+        np.testing.assert_array_equal(restored.known_indices, t.known_indices)
+        assert restored.known_indices.dtype == np.int64
+        g = restored.model.gaussians.class_index
+        assert g.dtype == torch.long and torch.equal(g, t.model.gaussians.class_index)
+        assert torch.equal(restored.latents, t.latents)
+
+
 def test_checkpoint_of_the_encoder_version_is_refused_clearly(dataset):
     t = make_trainers(dataset, no_validation())[1]
     state = t.state_dict()

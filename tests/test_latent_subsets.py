@@ -4,6 +4,7 @@ headless command with napari and Qt unimportable."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -243,3 +244,18 @@ def test_screenshot_without_display_says_what_to_do(run_dir, monkeypatch, capsys
 def test_command_rejects_bad_coordinates(run_dir, capsys):
     assert main(["explore-latent-space", str(run_dir), "--subset-polygon", "1,2;3"]) == 1
     assert "--subset-polygon" in capsys.readouterr().err
+
+
+def test_disk_full_is_a_one_line_error_and_leaves_no_partial_file(run_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = run_dir / "latent_space"
+    before = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert main(["explore-latent-space", str(run_dir), "--half-set", "2", "--headless"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(folder / "embedding_half2.png") in err and "no space left" in err
+    assert sorted(p.name for p in folder.iterdir()) == before

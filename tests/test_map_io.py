@@ -11,6 +11,7 @@ import torch
 
 from relion_external import InputError, read_map, write_map
 from relion_external import map_io
+from relion_external.errors import OutputError
 
 
 def _write_raw(path, data, voxel_size=3.0):
@@ -61,7 +62,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(map_io.mrcfile, "new", failing_new)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="map.mrc: write: cannot be written"):
         write_map(path, torch.zeros(4, 4, 4), 1.0)
     assert [p.name for p in tmp_path.iterdir()] == ["map.mrc"]
     assert float(read_map(path)[0].mean()) == 1.0

@@ -3,6 +3,7 @@ recovery of the simulated motion by each half's latent space."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,9 @@ def test_cli_writes_all_outputs(small, tmp_path):
     for name in ("001.pth", "002.pth", "003.pth", "checkpoint_final.pth"):
         state = torch.load(fwd / "checkpoints" / name, weights_only=True)
         assert set(state["halves"]) == {"1", "2"}
+        assert state["half_set"].dtype == torch.int8  # nothing stored twice or too wide
+        first, second = (state["halves"][h]["initial_positions"] for h in ("1", "2"))
+        assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
     for half in (1, 2):
         assert (fwd / "volumes" / f"volume_half{half}_003.mrc").exists()
     assert len((fwd / "loss_log.txt").read_text().splitlines()) == 3
@@ -105,3 +109,90 @@ def test_latent_space_recovers_the_simulated_motion(tmp_path):
         r2_held = knn_r2(codes[rows & held], motion.to_numpy()[rows & held], k=10)
         print(f"half {half}: kNN R² {r2_all:.3f}, held-out {r2_held:.3f}")
         assert r2_all >= THRESHOLD_ALL and r2_held >= THRESHOLD_HELD
+
+
+# -- faults and checkpoint housekeeping ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return simulate(tmp_path_factory.mktemp("tiny"), 120)
+
+
+def _optimize_tiny(data: Path, out: Path, *extra: str) -> int:
+    return optimize(data, out, "--n-map-fit-steps", "10", "--n-threads", "1", *extra)
+
+
+def _one_line_error(capsys, *names: str) -> str:
+    """stderr is one line, no traceback, naming each of ``names``."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_continue_skips_a_damaged_latest_checkpoint_and_keeps_the_newest(tiny, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "job"
+    checkpoints = out / "forward_deformations" / "checkpoints"
+    assert _optimize_tiny(tiny, out, "--n-epochs", "4", "--keep-checkpoints", "2") == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "003.pth", "004.pth", "checkpoint_final.pth"]
+    _truncate(checkpoints / "004.pth")  # e.g. the machine went down while it was written
+    _truncate(checkpoints / "checkpoint_final.pth")
+    capsys.readouterr()
+    assert _optimize_tiny(tiny, out, "--n-epochs", "5", "--keep-checkpoints", "2") == 0
+    log = capsys.readouterr().out
+    assert "004.pth: is truncated" in log and "checkpoint_final.pth: is truncated" in log
+    assert "using the previous intact checkpoint" in log and "003.pth (epoch 3)" in log
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "004.pth", "005.pth", "checkpoint_final.pth"]
+    assert torch.load(checkpoints / "checkpoint_final.pth", weights_only=True)["epoch"] == 5
+
+
+def test_a_damaged_or_pickled_checkpoint_file_is_a_one_line_error(tiny, tmp_path, capsys):
+    job = tmp_path / "relion_job"
+    job.mkdir()
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"decoder": torch.nn.Linear(2, 2)}, pickled)  # a module, as DynaMight saves
+    assert _optimize_tiny(tiny, tmp_path / "out", "--n-epochs", "1", "--checkpoint-file",
+                    str(pickled), "--pipeline-control", str(job)) == 1
+    _one_line_error(capsys, str(pickled), "pickled Python objects", "input error")
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists()
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"x": torch.zeros(1000)}, truncated)
+    _truncate(truncated)
+    assert _optimize_tiny(tiny, tmp_path / "out", "--checkpoint-file", str(truncated)) == 1
+    _one_line_error(capsys, str(truncated), "truncated")
+    missing = tmp_path / "missing.pth"
+    assert _optimize_tiny(tiny, tmp_path / "out", "--checkpoint-file", str(missing)) == 1
+    _one_line_error(capsys, str(missing), "--checkpoint-file: does not exist")
+
+
+def test_disk_full_is_a_one_line_error_and_leaves_no_partial_checkpoint(tiny, tmp_path,
+                                                                        capsys, monkeypatch):
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    job = tmp_path / "relion_job"
+    job.mkdir()
+    out = tmp_path / "out"
+    assert _optimize_tiny(tiny, out, "--n-epochs", "1", "--pipeline-control", str(job)) == 1
+    checkpoints = out / "forward_deformations" / "checkpoints"
+    _one_line_error(capsys, str(checkpoints / "001.pth"), "no space left", "output error")
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists()
+    assert list(checkpoints.iterdir()) == []  # no half-written file, no temporary
+
+
+def test_an_unwritable_output_directory_is_a_one_line_error(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    assert _optimize_tiny(tiny, blocker / "job", "--n-epochs", "1") == 1
+    _one_line_error(capsys, str(blocker / "job"), "output error")

@@ -31,6 +31,7 @@ from dynamight_core.device import choose_device
 from dynamight_core.displacement_field import displacement_grid_from_gaussians
 from dynamight_core.fsc import fsc
 
+from .._atomic import make_folder
 from ..errors import InputError
 from ..forward_run import ForwardRun, load_forward_run
 from ..fsc_output import write_fsc
@@ -117,8 +118,7 @@ def main(args, control) -> None:
         mask, mask_voxel = read_map(args.mask_file)
         check_map_matches(args.mask_file, mask_voxel, mask.shape[-1], particles)
         mask = downsample_map(mask, args.downsample).clamp(0.0, 1.0)
-    folder = out / "backprojection"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(out / "backprojection")
     logger.info("deformed backprojection on %s (checkpoint %s, epoch %d)", device,
                 run.checkpoint_path, run.epoch)
     maps = {}

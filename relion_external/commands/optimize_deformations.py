@@ -8,18 +8,23 @@ models infer its latent codes and the disagreement of their deformations |d1 - d
 reported.
 
 Outputs (in --output-directory): forward_deformations/checkpoints/NNN.pth (every
---checkpoint-interval epochs) and checkpoint_final.pth, forward_deformations/volumes/
-volume_half{1,2}_NNN.mrc (each half's consensus Gaussians rendered), forward_deformations/
-loss_log.txt (one line per epoch), and particles.star: the input particles plus
-rlnDynaMightLatent1..d (mean latent code from the particle's own half), rlnDynaMightHalfSet,
-rlnDynaMightValidation (0/1) and rlnDynaMightDeformationError (Å, -1 for training particles).
+--checkpoint-interval epochs, the newest --keep-checkpoints kept) and checkpoint_final.pth,
+forward_deformations/volumes/volume_half{1,2}_NNN.mrc (each half's consensus Gaussians
+rendered), forward_deformations/loss_log.txt (one line per epoch), and particles.star: the input
+particles plus rlnDynaMightLatent1..d (mean latent code from the particle's own half),
+rlnDynaMightHalfSet, rlnDynaMightValidation (0/1) and rlnDynaMightDeformationError (Å, -1 for
+training particles). Every file is written under a temporary name and renamed when complete,
+so a full disk or an unwritable folder ends the run with a one-line error naming the path and
+leaves no half-written file.
 Under RELION (--pipeline-control), particles.star is declared as an output node (particles) in
 RELION_OUTPUT_NODES.star, so that later jobs can select it.
 Training stops after --n-epochs, or earlier when the residual of the validation particles has
 not improved for --early-stopping-patience joint epochs (both halves stop together). Running the
 same command again continues from the latest checkpoint of the output directory (or from
---checkpoint-file) with everything restored; --n-epochs is the total. Model settings come from
-the checkpoint then; options that differ from it are listed in a warning.
+--checkpoint-file) with everything restored; --n-epochs is the total. A damaged latest
+checkpoint (e.g. truncated by a crash) is skipped with a warning and the previous intact one is
+used. Model settings come from the checkpoint then; options that differ from it are listed in a
+warning.
 
 Example:
   dynamight optimize-deformations --refinement-star-file Refine3D/job010/run_data.star \\
@@ -36,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynamight_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dynamight_core.checkpoint import (
+    FINAL_NAME, epoch_checkpoint_name, load_checkpoint, load_latest_checkpoint,
+    prune_checkpoints, save_checkpoint)
 from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
 from dynamight_core.early_stopping import EarlyStopping
 from dynamight_core.device import (
@@ -45,6 +52,7 @@ from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_f
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
 
+from .._atomic import append_text, make_folder
 from ..errors import InputError
 from ..map_io import read_map, write_map
 from ..output_nodes import PARTICLES, OutputNode, node_name, write_output_nodes
@@ -102,6 +110,10 @@ def add_args(p) -> None:
     p.add_argument("--random-half-sets", action="store_true",
                    help="split randomly when the STAR file has no rlnRandomSubset")
     p.add_argument("--checkpoint-interval", type=int, default=5)
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                   help="keep the newest N epoch checkpoints (NNN.pth), deleting older ones "
+                        "once a new one is written; checkpoint_final.pth is always kept; "
+                        "0 = keep all (default 3)")
     p.add_argument("--consensus-update-interval", type=int, default=5)
     p.add_argument("--n-map-fit-steps", type=int, default=100)
     p.add_argument("--beta", type=float, default=0.1,
@@ -185,16 +197,32 @@ class _NoAbort:
         pass
 
 
-def _resume(path, particles, device):
-    state = load_checkpoint(path)
+def _checkpoint_to_resume(args, folder: Path) -> tuple[Path, dict] | None:
+    """--checkpoint-file (it must be intact), else the latest intact checkpoint of ``folder``
+    (a damaged newer one is skipped with a warning), else None."""
+    if args.checkpoint_file:
+        path = Path(args.checkpoint_file)
+        if not path.is_file():
+            raise InputError(path, "--checkpoint-file", "does not exist",
+                             "Give a checkpoint of optimize-deformations "
+                             "(forward_deformations/checkpoints/*.pth).")
+        return path, load_checkpoint(path)
+    return load_latest_checkpoint(folder)
+
+
+def _resume(path, state, particles, device):
     if state["half_set"].shape[0] != len(particles):
-        raise ValueError(f"{path}: checkpoint is for {state['half_set'].shape[0]} particles, "
-                         f"the STAR file has {len(particles)}")
+        raise InputError(path, "checkpoint",
+                         f"is for {state['half_set'].shape[0]} particles, the particles STAR "
+                         f"file has {len(particles)}",
+                         "Give the STAR file the checkpoint was trained on, or another "
+                         "--output-directory to start afresh.")
     trainers = {int(h): HalfSetTrainer.from_state_dict(s, device)
                 for h, s in state["halves"].items()}
     torch.set_rng_state(state["global_rng"])  # unused by training; restored for completeness
     logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
-    return trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"], state
+    return (trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"].long(),
+            state)
 
 
 # settings fixed by the checkpoint when continuing (the model and its training rule)
@@ -226,14 +254,18 @@ def _checkpoint_state(args, trainers, validation, half_set, epoch, stopping: Ear
     config = {k: v for k, v in vars(args).items()
               if isinstance(v, (int, float, str, bool)) or v is None}
     config.pop("_module", None)
-    return {"epoch": epoch, "config": config, "half_set": half_set.clone(),
+    halves = {str(h): t.state_dict() for h, t in trainers.items()}
+    first, second = halves["1"]["initial_positions"], halves["2"]["initial_positions"]
+    if torch.equal(first, second):  # the common initial model: saved once
+        halves["2"]["initial_positions"] = first
+    return {"epoch": epoch, "config": config, "half_set": half_set.to(torch.int8),
             "validation": validation.clone(), "global_rng": torch.get_rng_state(),
             "early_stopping": stopping.state_dict(), "stopped_early": stopped_early,
-            "halves": {str(h): t.state_dict() for h, t in trainers.items()}}
+            "halves": halves}
 
 
 def _write_volumes(folder: Path, trainers, epoch: int, particles) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for half, trainer in trainers.items():
         g = trainer.model.gaussians
         with torch.no_grad():
@@ -258,13 +290,13 @@ def main(args, control) -> None:
             args.refinement_star_file, particles.half_set.numpy(), tracks[0])))
         logger.info("temporal prior: %d tracks, %d tracked particles",
                     len(np.unique(tracks[0][tracks[0] >= 0])), int((tracks[0] >= 0).sum()))
-    resume_from = (Path(args.checkpoint_file) if args.checkpoint_file
-                   else latest_checkpoint(fwd / "checkpoints"))
+    found = _checkpoint_to_resume(args, fwd / "checkpoints")
     stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_fraction,
                              args.early_stopping_min_epochs)
     stopped_early = latents_final = False
-    if resume_from is not None:
-        trainers, validation, epoch, half_set, saved = _resume(resume_from, particles, device)
+    if found is not None:
+        resume_from = found[0]
+        trainers, validation, epoch, half_set, saved = _resume(*found, particles, device)
         particles = particles.with_half_set(half_set)
         _warn_about_changed_settings(args, saved["config"], resume_from)
         if "early_stopping" in saved:
@@ -280,7 +312,7 @@ def main(args, control) -> None:
                         "--n-epochs)", epoch, stopping.best_epoch)
     else:
         trainers, validation, epoch = _new_run(args, particles, device, tracks)
-    (fwd / "checkpoints").mkdir(parents=True, exist_ok=True)
+    make_folder(fwd / "checkpoints")
     n_train = sum(t.train_indices.shape[0] for t in trainers.values())
     logger.info("training on %s (decoder in %s): %d + %d particles, %d held out for validation, "
                 "epochs %d..%d", device, trainers[1].config.decoder_precision,
@@ -310,12 +342,10 @@ def main(args, control) -> None:
                     "held-out %.6g, %.0f particles/s, %.0f s left", epoch, args.n_epochs,
                     phase, mean["data"], mean["mse"], mean["reg"], mean["kl"], lam[0], lam[1],
                     residual, rate, left)
-        with open(fwd / "loss_log.txt", "a") as log:
-            log.write(" ".join(
-                [f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
-                                      for k in ("data", "mse", "reg", "kl",
-                                                "regularization_weight")]
-                + [f"heldout_residual {residual:.8g}"]) + "\n")
+        append_text(fwd / "loss_log.txt", " ".join(
+            [f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
+                                  for k in ("data", "mse", "reg", "kl", "regularization_weight")]
+            + [f"heldout_residual {residual:.8g}"]) + "\n")
         if trainers[1].temporal is not None:
             logger.info("  temporal prior: correlation time %.3g / %.3g (time units of %s)",
                         trainers[1].temporal.correlation_time,
@@ -326,13 +356,14 @@ def main(args, control) -> None:
                         stopping.best, stopping.best_epoch)
         if (epoch % max(1, args.checkpoint_interval) == 0 or epoch == args.n_epochs
                 or stopped_early):
-            save_checkpoint(fwd / "checkpoints" / f"{epoch:03d}.pth",
+            save_checkpoint(fwd / "checkpoints" / epoch_checkpoint_name(epoch),
                             _checkpoint_state(args, trainers, validation, particles.half_set,
                                               epoch, stopping, stopped_early))
+            prune_checkpoints(fwd / "checkpoints", args.keep_checkpoints)
             _write_volumes(fwd / "volumes", trainers, epoch, particles)
     if not latents_final:
         _finalise_latents(args, particles, trainers, device, control)
-    save_checkpoint(fwd / "checkpoints" / "checkpoint_final.pth",
+    save_checkpoint(fwd / "checkpoints" / FINAL_NAME,
                     _checkpoint_state(args, trainers, validation, particles.half_set, epoch,
                                       stopping, stopped_early))
     _log_consensus_agreement(trainers)

@@ -29,9 +29,13 @@ deformations_half<h>.pt (indices (n,), latents (n, d) float32, consensus (n_g, 3
 deformations_half<h>.npy (float16 (n, n_g, 3) Å: each particle's Gaussian displacements;
 6 · n · n_g bytes, written in batches, memory-mapped to read).
 
-Running again continues a network from inv_chkpt.pth (--n-epochs is the total). An
-inv_chkpt.pth made for another forward checkpoint is kept as inv_chkpt_stale.pth and training
-starts afresh (logged).
+The network method also writes checkpoints/NNN.pth after every epoch (the newest
+--keep-checkpoints kept); inv_chkpt.pth is written at the end. Running again continues a network
+from the latest of these (--n-epochs is the total); a damaged one (e.g. truncated by a crash) is
+skipped with a warning and the previous intact one is used. An inv_chkpt.pth made for another
+forward checkpoint is kept as inv_chkpt_stale.pth and training starts afresh (logged). Files are
+written under a temporary name and renamed when complete: a full disk or an unwritable folder
+ends the run with a one-line error naming the path and leaves no half-written file.
 
 Example (RELION-5's call form):
   dynamight optimize-inverse-deformations DynaMight/job012/ --n-epochs 50 \\
@@ -52,6 +56,9 @@ import torch
 from dynamight_core.deformed_backprojection import choose_grid_size
 from dynamight_core.device import choose_device
 from dynamight_core.fixed_point_inverse import FixedPointInverse
+from dynamight_core.checkpoint_file import CheckpointError
+from dynamight_core.checkpoint_folder import (
+    epoch_checkpoint_name, epoch_checkpoints, load_latest, prune)
 from dynamight_core.inverse_checkpoint import (
     METHODS,
     load_inverse_checkpoint,
@@ -60,7 +67,7 @@ from dynamight_core.inverse_checkpoint import (
 from dynamight_core.inverse_network import InverseDeformationTrainer, InverseTrainerConfig
 from dynamight_core.inversion_error import ErrorSummary, inversion_errors
 
-from .._atomic import atomic_output
+from .._atomic import append_text, atomic_output, make_folder
 from ..errors import InputError
 from ..forward_run import ForwardRun, load_forward_run
 
@@ -68,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 INVERSE_DIR = "inverse_deformations"
 CHECKPOINT_NAME = "inv_chkpt.pth"
+EPOCH_CHECKPOINTS = "checkpoints"  # inside INVERSE_DIR: NNN.pth of the network method
 DEFAULT_METHOD = "fixed-point"
 
 
@@ -81,6 +89,10 @@ def add_args(p) -> None:
                         "OUTPUT_DIR/forward_deformations/checkpoints)")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help=f"how to invert (default {DEFAULT_METHOD}; see above)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                   help="network: keep the newest N epoch checkpoints (checkpoints/NNN.pth), "
+                        "deleting older ones once a new one is written; inv_chkpt.pth is "
+                        "always kept; 0 = keep all (default 3)")
     p.add_argument("--batch-size", type=int, default=100, help="particles per step")
     p.add_argument("--save-deformations", action="store_true",
                    help="write every particle's latent code and Gaussian displacements")
@@ -169,24 +181,44 @@ def _trainer_config(args, run: ForwardRun) -> InverseTrainerConfig:
         smoothness_weight=args.smoothness_weight, seed=args.seed)
 
 
-def _previous_state(path: Path, run: ForwardRun) -> dict | None:
-    """The saved state when it belongs to this forward checkpoint; otherwise None (a stale
-    file is renamed, never silently overwritten)."""
+def _identity_of(state: dict) -> dict:
+    return {k: state["config"].get(k) for k in ("forward_checkpoint", "forward_epoch")}
+
+
+def _set_aside_if_stale(path: Path, run: ForwardRun) -> None:
+    """Rename ``path`` to inv_chkpt_stale.pth when it was made for another forward checkpoint
+    (never silently overwritten); a damaged one is left to :func:`_previous_state`."""
     if not path.is_file():
-        return None
+        return
     try:
-        state = load_inverse_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as err:
-        raise InputError(path, "checkpoint", f"cannot be read ({err})",
-                         "Delete it to train the inverse deformations afresh.") from err
-    saved = {k: state["config"].get(k) for k in ("forward_checkpoint", "forward_epoch")}
+        saved = _identity_of(load_inverse_checkpoint(path))
+    except CheckpointError:
+        return
     if saved == _forward_identity(run):
-        return state
+        return
     stale = path.with_name("inv_chkpt_stale.pth")
     os.replace(path, stale)
     logger.warning("%s was made for %s (epoch %s), not for %s (epoch %d): kept as %s, "
                    "starting afresh", path, saved["forward_checkpoint"], saved["forward_epoch"],
                    run.checkpoint_path, run.epoch, stale)
+
+
+def _previous_state(folder: Path, run: ForwardRun) -> dict | None:
+    """The latest intact saved state (inv_chkpt.pth or an epoch checkpoint; a damaged newer
+    one is skipped with a warning) when it belongs to this forward checkpoint, else None."""
+    final = folder / CHECKPOINT_NAME
+    _set_aside_if_stale(final, run)
+    found = load_latest(folder / EPOCH_CHECKPOINTS, final, load_inverse_checkpoint)
+    if found is None:
+        return None
+    path, state = found
+    if _identity_of(state) == _forward_identity(run):
+        return state
+    for _, old in epoch_checkpoints(folder / EPOCH_CHECKPOINTS):
+        old.unlink()
+    logger.warning("%s was made for another forward checkpoint (%s): the epoch checkpoints of "
+                   "that run are deleted, starting afresh", path,
+                   _identity_of(state)["forward_checkpoint"])
     return None
 
 
@@ -271,11 +303,12 @@ def _train(args, run, latents, trainers, epoch, path, grid_size, control) -> int
                     "%.0f s left", epoch, args.n_epochs, stats[1]["data"], stats[1]["rms"],
                     stats[1]["smooth"], stats[2]["data"], stats[2]["rms"], stats[2]["smooth"],
                     rate, left)
-        with open(log, "a") as f:
-            f.write(" ".join([f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}"
-                                                  for h in (1, 2) for k in ("data", "smooth")])
-                    + "\n")
-        _save(path, args, run, grid_size, epoch, trainers, {})
+        append_text(log, " ".join([f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}"
+                                                        for h in (1, 2)
+                                                        for k in ("data", "smooth")]) + "\n")
+        _save(path.parent / EPOCH_CHECKPOINTS / epoch_checkpoint_name(epoch), args, run,
+              grid_size, epoch, trainers, {})
+        prune(path.parent / EPOCH_CHECKPOINTS, args.keep_checkpoints)
     return epoch
 
 
@@ -339,13 +372,14 @@ def _save_deformations(args, run, latents, folder: Path, control) -> None:
                 row += len(idx)
             array.flush()
             del array
-        with atomic_output(folder / f"deformations_half{half}.pt") as tmp:
+        with (atomic_output(folder / f"deformations_half{half}.pt") as tmp,
+              open(tmp, "wb") as f):
             torch.save({"format": "dynamight-relion deformations", "version": 1,
                         "half": half, "indices": torch.from_numpy(order),
                         "latents": lat.of(order).float().cpu(),
                         "consensus": model.gaussians.positions.detach().float().cpu(),
                         "displacements_file": npy.name, "displacements_dtype": "float16",
-                        "units": "angstrom"}, tmp)
+                        "units": "angstrom"}, f)
         logger.info("wrote %s (%d particles x %d Gaussians, %.1f MiB) and its index file", npy,
                     n, n_g, npy.stat().st_size / 2**20)
 
@@ -360,8 +394,7 @@ def main(args, control) -> None:
     device = choose_device(args.gpu_id)
     run = load_forward_run(out, checkpoint_file=args.checkpoint_file, device=device,
                            preload_images=args.preload_images)
-    folder = out / INVERSE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(out / INVERSE_DIR)
     path = folder / CHECKPOINT_NAME
     consensus = run.models[1].gaussians.positions.detach()
     grid_size = args.grid_size or choose_grid_size(consensus, run.models[1].box_size,
@@ -371,7 +404,7 @@ def main(args, control) -> None:
     latents = {h: _Latents(run, h, args.batch_size, control) for h in (1, 2)}
     logger.info("latent codes of %d particles in %.1f s",
                 sum(lat.indices.shape[0] for lat in latents.values()), time.time() - t0)
-    state = _previous_state(path, run)
+    state = _previous_state(folder, run)
     trainers: dict = {}
     epoch = 0
     if args.method == "network":

@@ -17,6 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from .._atomic import atomic_output
 from .colours import COLOURINGS, colour_values, value_range
 from .movie import MovieResult
 from .session import OUTPUT_FOLDER, ExplorerSession
@@ -71,8 +72,8 @@ def write_embedding_plot(session: ExplorerSession, path: str | PathLike, *,
                  else spec.label)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     logger.info("wrote %s (%s embedding coloured by %s)", path, session.embedding.method.upper(),
                 colouring)
     return path

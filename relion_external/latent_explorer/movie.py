@@ -19,6 +19,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from .._atomic import atomic_output, make_folder
 from ..map_io import write_map
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ def write_gif(path: str | PathLike, frames: np.ndarray, *, fps: float = 8.0,
     images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale),
                                         Image.Resampling.NEAREST) for f in frames]
     images = images + images[-2:0:-1]  # forth and back
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], loop=0,
-                   duration=round(1000.0 / fps))
+    with atomic_output(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                       duration=round(1000.0 / fps))
     return path
 
 
@@ -84,8 +85,7 @@ def write_volume_series(
     latents: np.ndarray,  # (t, d)
 ) -> MovieResult:
     """``folder/frame_NNN.mrc`` for each volume and ``folder/movie.gif``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     maps = []
     for i, volume in enumerate(volumes):
         maps.append(folder / f"frame_{i:03d}.mrc")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import make_folder
 from ..star_io import RelionParticles, write_particles_star
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ def write_subset(
     subset = table.iloc[indices].reset_index(drop=True).copy()
     if "rlnRandomSubset" not in subset.columns and half_set is not None:
         subset["rlnRandomSubset"] = np.asarray(half_set, dtype=int)[indices]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     path = next_subset_path(folder)
     write_particles_star(path, (star.optics, subset))
     halves = (subset["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in subset.columns

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_output
 from .colours import COLOURINGS, colour_values, value_range
 from .session import ExplorerSession, LatentPoint
 
@@ -318,8 +319,8 @@ def save_screenshot(session: ExplorerSession, path: str | PathLike, *,
         latent_viewer.close()
         map_viewer.close()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path)
+    with atomic_output(path) as tmp:  # the temporary name keeps the suffix: PIL's format
+        Image.fromarray(picture).save(tmp)
     logger.info("wrote %s (%d x %d)", path, picture.shape[1], picture.shape[0])
     return path
 
