@@ -115,6 +115,6 @@ def test_the_real_lookup_runs_here():
 def _has_qtpy() -> bool:
     try:
         import qtpy  # noqa: F401 - only whether it imports
-    except Exception:  # noqa: BLE001 - qtpy raises its own errors without a binding
+    except (ImportError, RuntimeError):  # qtpy.PythonQtError without a binding
         return False
     return True

@@ -85,7 +85,7 @@ def xcb_plugin_path() -> Path | None:
     """``platforms/libqxcb.so`` of the Qt that qtpy picks, or None (no Qt, or no such file)."""
     try:
         from qtpy.QtCore import QLibraryInfo
-    except Exception as err:  # noqa: BLE001 - no Qt binding: napari's own import error follows
+    except (ImportError, RuntimeError) as err:  # no Qt binding (qtpy.PythonQtError)
         logger.debug("no Qt binding to check: %s", err)
         return None
     if hasattr(QLibraryInfo, "path"):  # Qt 6
