@@ -14,10 +14,14 @@ import argparse
 import platform
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dynamight_core.particles import CTFParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +93,7 @@ class PeakMemory:
         self.device = device
         self.text = ""
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -36,16 +36,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import (  # noqa: E402
-    PeakMemory, add_device_arg, add_threads_seed_args, print_header, random_ctf, setup_device,
-    sync)
-from dynamight_core.decoder import DeformationDecoder  # noqa: E402
-from dynamight_core.deformation_model import Batch, DeformationModel  # noqa: E402
-from dynamight_core.deformed_backprojection import (  # noqa: E402
-    DeformedBackprojector, choose_grid_size)
-from dynamight_core.displacement_field import displacement_grid_from_gaussians  # noqa: E402
-from dynamight_core.gaussian_model import GaussianModel  # noqa: E402
-from dynamight_core.rotation import random_rotations  # noqa: E402
+from _common import (
+    PeakMemory,
+    add_device_arg,
+    add_threads_seed_args,
+    print_header,
+    random_ctf,
+    setup_device,
+    sync,
+)
+
+from dynamight_core.decoder import DeformationDecoder
+from dynamight_core.deformation_model import Batch, DeformationModel
+from dynamight_core.deformed_backprojection import DeformedBackprojector, choose_grid_size
+from dynamight_core.displacement_field import displacement_grid_from_gaussians
+from dynamight_core.gaussian_model import GaussianModel
+from dynamight_core.rotation import random_rotations
 
 DEFAULT_PARTICLES = {64: 2000, 128: 256, 256: 512, 320: 256}
 DEFAULT_BATCH = {64: 32, 128: 16, 256: 16, 320: 8}

@@ -38,20 +38,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import (  # noqa: E402
-    PeakMemory, add_device_arg, add_threads_seed_args, print_header, setup_device, sync)
-from dynamight_core.decoder import DeformationDecoder  # noqa: E402
-from dynamight_core.deformed_backprojection import choose_grid_size  # noqa: E402
-from dynamight_core.fixed_point_inverse import (  # noqa: E402
+from _common import (
+    PeakMemory,
+    add_device_arg,
+    add_threads_seed_args,
+    print_header,
+    setup_device,
+    sync,
+)
+
+from dynamight_core.decoder import DeformationDecoder
+from dynamight_core.deformed_backprojection import choose_grid_size
+from dynamight_core.fixed_point_inverse import (
     FixedPointInverse,
     fixed_point_inverse_map,
 )
-from dynamight_core.inverse_network import (  # noqa: E402
+from dynamight_core.inverse_network import (
     InverseDeformationTrainer,
     InverseTrainerConfig,
 )
-from dynamight_core.inversion_error import inversion_errors  # noqa: E402
-from dynamight_core.volume_warp import warp_volume_to_latent  # noqa: E402
+from dynamight_core.inversion_error import inversion_errors
+from dynamight_core.volume_warp import warp_volume_to_latent
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -33,16 +33,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import (  # noqa: E402
-    add_device_arg, add_threads_seed_args, peak_mib, print_header, setup_device, sync)
-from dynamight_core.deformation_model import make_batch  # noqa: E402
-from dynamight_core.device import DECODER_PRECISIONS, resolve_decoder_precision  # noqa: E402
-from dynamight_core.gaussian_model import init_gaussians_from_map  # noqa: E402
-from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig  # noqa: E402
-from dynamight_core.particles import ParticleSet, TensorImageSource  # noqa: E402
-from dynamight_core.simulation import (  # noqa: E402
-    consensus_map, noise_sigma_for_snr, plan_simulation, simulate_images)
-from dynamight_core.synthetic_structure import hinged_structure  # noqa: E402
+from _common import (
+    add_device_arg,
+    add_threads_seed_args,
+    peak_mib,
+    print_header,
+    setup_device,
+    sync,
+)
+
+from dynamight_core.deformation_model import make_batch
+from dynamight_core.device import DECODER_PRECISIONS, resolve_decoder_precision
+from dynamight_core.gaussian_model import init_gaussians_from_map
+from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
+from dynamight_core.particles import ParticleSet, TensorImageSource
+from dynamight_core.simulation import (
+    consensus_map,
+    noise_sigma_for_snr,
+    plan_simulation,
+    simulate_images,
+)
+from dynamight_core.synthetic_structure import hinged_structure
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -28,14 +28,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import (  # noqa: E402
-    PeakMemory, add_device_arg, add_threads_seed_args, print_header, random_ctf, setup_device,
-    sync)
-from dynamight_core.ctf import ctf_2d_rfft  # noqa: E402
-from dynamight_core.gaussian_projection import project_gaussians_rfft  # noqa: E402
-from dynamight_core.reconstruction import FourierAccumulator  # noqa: E402
-from dynamight_core.rotation import random_rotations  # noqa: E402
-from dynamight_core.shift import apply_relion_origin_rfft  # noqa: E402
+from _common import (
+    PeakMemory,
+    add_device_arg,
+    add_threads_seed_args,
+    print_header,
+    random_ctf,
+    setup_device,
+    sync,
+)
+
+from dynamight_core.ctf import ctf_2d_rfft
+from dynamight_core.gaussian_projection import project_gaussians_rfft
+from dynamight_core.reconstruction import FourierAccumulator
+from dynamight_core.rotation import random_rotations
+from dynamight_core.shift import apply_relion_origin_rfft
 
 # defaults sized for ~5 min on 2 CPU cores
 DEFAULT_PARTICLES = {64: 4096, 128: 2048, 256: 512}

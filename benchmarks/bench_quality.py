@@ -48,9 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import cpu_name  # noqa: E402
-from relion_external.cli import main as dynamight  # noqa: E402
-from relion_external.truth_comparison import compare_with_truth  # noqa: E402
+from _common import cpu_name
+
+from relion_external.cli import main as dynamight
+from relion_external.truth_comparison import compare_with_truth
 
 
 def _run(argv: list[str]) -> float:

@@ -38,14 +38,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import score  # noqa: E402
+from bench_quality import score
 
-from dynamight_core.fsc import filter_shells, fsc  # noqa: E402
-from dynamight_core.gaussian_projection import render_gaussians_3d  # noqa: E402
-from relion_external.cli import main as dynamight  # noqa: E402
-from relion_external.commands import optimize_deformations as od  # noqa: E402
-from relion_external.commands import simulate as sim  # noqa: E402
-from relion_external.map_io import read_map  # noqa: E402
+from dynamight_core.fsc import filter_shells, fsc
+from dynamight_core.gaussian_projection import render_gaussians_3d
+from relion_external.cli import main as dynamight
+from relion_external.commands import optimize_deformations as od
+from relion_external.commands import simulate as sim
+from relion_external.map_io import read_map
 
 
 def _independent_consensus(root: Path, out: Path) -> Path:

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 
-from dynamight_core.ctf import ctf_2d_rfft  # noqa: E402
-from dynamight_core.fourier_grids import irfft2_centered, rfft2_centered  # noqa: E402
-from dynamight_core.shift import recentre_relion_images_rfft  # noqa: E402
-from relion_external.particles_adapter import load_particle_set  # noqa: E402
+from dynamight_core.ctf import ctf_2d_rfft
+from dynamight_core.fourier_grids import irfft2_centered, rfft2_centered
+from dynamight_core.shift import recentre_relion_images_rfft
+from relion_external.particles_adapter import load_particle_set
 
 
 def canonical_images(particles, crop: int, ctf_mode: str | None) -> torch.Tensor:  # (n, c, c)
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         for mode in (None, "flip", "multiply"):
             x = canonical_images(particles, crop, mode).reshape(len(particles), -1).double()
             r2 = ridge_r2(x.numpy(), t, train, test)
-            print(f"input {crop:3d} px, CTF {str(mode):8s}: R² {r2:.3f}", flush=True)
+            print(f"input {crop:3d} px, CTF {mode!s:8s}: R² {r2:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -143,9 +143,9 @@ def run(mutation: Mutation, pytest_args: list[str]) -> tuple[bool, float, str]:
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p",
                                "no:cacheprovider", *pytest_args], cwd=root, env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         elapsed = time.time() - t0
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.MULTILINE)
     caught = proc.returncode != 0
     return caught, elapsed, failed[0] if failed else proc.stdout.strip().splitlines()[-1]
 

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 
-from dynamight_core.deformation_model import make_batch  # noqa: E402
-from dynamight_core.quality_scores import knn_r2  # noqa: E402
-from relion_external.commands import optimize_deformations  # noqa: E402
-from relion_external.particles_adapter import load_particle_set  # noqa: E402
+from dynamight_core.deformation_model import make_batch
+from dynamight_core.quality_scores import knn_r2
+from relion_external.commands import optimize_deformations
+from relion_external.particles_adapter import load_particle_set
 
 
 def _batches(particles, order, batch_size, device):

@@ -92,13 +92,13 @@ def split_validation(half_set: torch.Tensor, fraction: float, seed: int,
     for half in (1, 2):
         members = torch.nonzero(half_set == half).squeeze(-1)
         if groups is None:
-            n_held = int(round(fraction * members.shape[0]))
+            n_held = round(fraction * members.shape[0])
             if n_held:
                 chosen = members[torch.randperm(members.shape[0], generator=generator)[:n_held]]
                 mask[chosen] = True
             continue
         labels = np.unique(groups[members.numpy()])
-        n_held = int(round(fraction * labels.shape[0]))
+        n_held = round(fraction * labels.shape[0])
         if n_held:
             chosen = labels[torch.randperm(labels.shape[0], generator=generator)[:n_held].numpy()]
             mask[members[torch.from_numpy(np.isin(groups[members.numpy()], chosen))]] = True

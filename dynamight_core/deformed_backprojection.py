@@ -40,7 +40,11 @@ import torch.nn.functional as F
 from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
 from .ctf import ctf_2d_rfft
 from .fourier_grids import (
-    fftfreq_grid_2d_rfft, irfftn_centered_3d, rfft2_centered, rfftn_centered_3d)
+    fftfreq_grid_2d_rfft,
+    irfftn_centered_3d,
+    rfft2_centered,
+    rfftn_centered_3d,
+)
 from .particles import CTFParams
 from .shift import recentre_relion_images_rfft
 
@@ -216,7 +220,7 @@ class DeformedBackprojector:
         full = F.interpolate(channels, size=(box, box), mode="bilinear", align_corners=True)
         return full.permute(0, 2, 3, 1).reshape(pb, box * box, nz, 2)
 
-    def merge(self, other: "DeformedBackprojector") -> None:
+    def merge(self, other: DeformedBackprojector) -> None:
         """Add another backprojector's sums (what an all-reduce would do)."""
         self.data += other.data.to(self.device)
         self.weight += other.weight.to(self.device)

@@ -69,17 +69,26 @@ import numpy as np
 import torch
 
 from .decoder import DeformationDecoder
-from .deformation_model import (
-    Batch, DeformationModel, negative_log_likelihood, noise_normalisation)
+from .deformation_model import Batch, DeformationModel, negative_log_likelihood, noise_normalisation
 from .fourier_grids import rfft2_centered
 from .gaussian_model import GaussianModel
 from .latent_inference import (
-    gauss_newton_step, gauss_newton_system, infer_latents, likelihood_pixel_weights,
-    posterior_kl, sample_posterior)
+    gauss_newton_step,
+    gauss_newton_system,
+    infer_latents,
+    likelihood_pixel_weights,
+    posterior_kl,
+    sample_posterior,
+)
 from .noise_model import RadialNoiseEstimate
 from .regularization import (
-    build_neighbour_graph, distance_preservation_loss, gradient_norm_ratio_lambda,
-    mean_neighbour_distance, repulsion_candidate_pairs, repulsion_loss)
+    build_neighbour_graph,
+    distance_preservation_loss,
+    gradient_norm_ratio_lambda,
+    mean_neighbour_distance,
+    repulsion_candidate_pairs,
+    repulsion_loss,
+)
 from .temporal_prior import TemporalPrior, TrackLayout
 
 logger = logging.getLogger(__name__)
@@ -379,7 +388,7 @@ class HalfSetTrainer:
             mean_norm.append((d + offset).norm(dim=-1).mean(dim=1))
             mean_d.append(d)
         norms = torch.cat(mean_norm)  # distance of each deformed model from the initial one
-        n_keep = max(1, int(round(self.config.consensus_update_fraction * norms.shape[0])))
+        n_keep = max(1, round(self.config.consensus_update_fraction * norms.shape[0]))
         keep = torch.argsort(norms)[:n_keep]
         d_all = torch.cat(mean_d)[keep]
         shift = d_all.mean(dim=0)

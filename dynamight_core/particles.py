@@ -63,11 +63,11 @@ class CTFParams:
     def __len__(self) -> int:
         return self.defocus_u_angstrom.shape[0]
 
-    def subset(self, indices: torch.Tensor | np.ndarray) -> "CTFParams":
+    def subset(self, indices: torch.Tensor | np.ndarray) -> CTFParams:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return CTFParams(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
-    def to(self, device: torch.device | str) -> "CTFParams":
+    def to(self, device: torch.device | str) -> CTFParams:
         return CTFParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @classmethod
@@ -84,7 +84,7 @@ class CTFParams:
         phase_shift_degrees=0.0,
         bfactor_angstrom2=0.0,
         scale=1.0,
-    ) -> "CTFParams":
+    ) -> CTFParams:
         """Build from scalars or length-``n`` sequences (scalars are broadcast)."""
         kwargs = dict(locals())
         del kwargs["cls"], kwargs["n"]
@@ -132,5 +132,5 @@ class ParticleSet:
         """0-based indices of the particles in half set ``half`` (1 or 2)."""
         return np.flatnonzero(self.half_set.cpu().numpy() == half)
 
-    def with_half_set(self, half_set: torch.Tensor) -> "ParticleSet":
+    def with_half_set(self, half_set: torch.Tensor) -> ParticleSet:
         return replace(self, half_set=torch.as_tensor(half_set, dtype=torch.long))

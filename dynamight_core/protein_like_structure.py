@@ -73,7 +73,7 @@ def _loop_ca(a: np.ndarray, b: np.ndarray, outward: np.ndarray,
     s = np.linspace(0, 1, 200)[:, None]
     curve = (1 - s) ** 2 * a + 2 * s * (1 - s) * control + s**2 * b  # quadratic Bézier
     arc = np.r_[0, np.cumsum(np.linalg.norm(np.diff(curve, axis=0), axis=1))]
-    n = max(1, int(round(arc[-1] / 3.8)) - 1)
+    n = max(1, round(float(arc[-1]) / 3.8) - 1)
     at = np.linspace(0, arc[-1], n + 2)[1:-1]
     points = np.stack([np.interp(at, arc, curve[:, k]) for k in range(3)], axis=1)
     points += rng.normal(0, 0.3, points.shape)

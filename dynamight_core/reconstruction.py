@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
 from .ctf import ctf_2d_rfft
 from .fourier_grids import rfft2_centered
 from .particles import CTFParams
-from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
 from .shift import recentre_relion_images_rfft
 
 
@@ -49,7 +49,7 @@ class FourierAccumulator:
         insert_slices_rfft_3d(self.data, self.weight, (f * c)[:, keep], (c * c)[:, keep], coords)
         self.n_particles += images.shape[0]
 
-    def merge(self, other: "FourierAccumulator") -> None:
+    def merge(self, other: FourierAccumulator) -> None:
         """Add another accumulator's sums (what an all-reduce would do)."""
         self.data += other.data.to(self.data.device)
         self.weight += other.weight.to(self.weight.device)

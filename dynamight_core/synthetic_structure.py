@@ -142,4 +142,4 @@ def hinged_structure(scale_angstrom: float = 1.0, n_gaussians: int = 1200, seed:
                            name="hinged")
 
 
-__all__ = ["DomainMotion", "HingedStructure", "MovingStructure", "PROFILES", "hinged_structure"]
+__all__ = ["PROFILES", "DomainMotion", "HingedStructure", "MovingStructure", "hinged_structure"]

@@ -20,16 +20,29 @@ import traceback
 
 from dynamight_core.checkpoint_file import CheckpointError, CheckpointWriteError
 
-from .appended_options import (
-    RELION5_TASKS, accept_options_of_other_tasks, ignored_option_warnings)
+from .appended_options import RELION5_TASKS, accept_options_of_other_tasks, ignored_option_warnings
 from .argument_parser import (
-    ArgumentParser, CommandLineError, repeated_with_different_values, show_defaults)
+    ArgumentParser,
+    CommandLineError,
+    repeated_with_different_values,
+    show_defaults,
+)
 from .commands import (
-    deformable_backprojection, demo, explore_latent_space, optimize_deformations,
-    optimize_inverse_deformations, reconstruct, simulate)
+    deformable_backprojection,
+    demo,
+    explore_latent_space,
+    optimize_deformations,
+    optimize_inverse_deformations,
+    reconstruct,
+    simulate,
+)
 from .errors import InputError, adapter_error
 from .job_protocol import (
-    JobAborted, PipelineControl, pipeline_control_from_argv, signals_raise_terminated)
+    JobAborted,
+    PipelineControl,
+    pipeline_control_from_argv,
+    signals_raise_terminated,
+)
 
 logger = logging.getLogger(__name__)
 PROG = "dynamight"

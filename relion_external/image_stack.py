@@ -83,7 +83,7 @@ class MrcStackImageSource:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # interpreter shutdown
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: modules may be gone
             pass
 
     def _read_from_stacks(self, indices: np.ndarray) -> torch.Tensor:

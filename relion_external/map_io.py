@@ -64,12 +64,11 @@ def write_map(path: str | PathLike, volume: torch.Tensor | np.ndarray, voxel_siz
         raise ValueError(f"volume must be (z, y, x), got shape {data.shape}")
     if not voxel_size > 0:
         raise ValueError(f"voxel_size must be positive, got {voxel_size}")
-    with atomic_output(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(data)
-            mrc.voxel_size = float(voxel_size)
-            mrc.header.origin = (0.0, 0.0, 0.0)
-            mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
+    with atomic_output(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = float(voxel_size)
+        mrc.header.origin = (0.0, 0.0, 0.0)
+        mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
 
 
 __all__ = ["read_map", "write_map"]

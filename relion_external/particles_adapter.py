@@ -328,5 +328,10 @@ def _find_stack(star_path: Path, stack: str, name: str, row: int, project: Path)
                      "and check that the stack was not moved or deleted.")
 
 
-__all__ = ["load_particle_set", "check_map_matches", "PARTICLE_COLUMNS", "OPTICS_COLUMNS",
-           "CTF_COLUMNS"]
+__all__ = [
+    "CTF_COLUMNS",
+    "OPTICS_COLUMNS",
+    "PARTICLE_COLUMNS",
+    "check_map_matches",
+    "load_particle_set",
+]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mrcfile
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class StackWriter:
@@ -25,7 +29,7 @@ class StackWriter:
         self.pixel_size = pixel_size
         self._mrc = None
 
-    def __enter__(self) -> "StackWriter":
+    def __enter__(self) -> Self:
         self._mrc = mrcfile.new_mmap(self.tmp, shape=self.shape, mrc_mode=2, overwrite=True)
         self._mrc.set_image_stack()
         self._mrc.voxel_size = self.pixel_size

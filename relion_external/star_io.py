@@ -107,4 +107,4 @@ def _exact_floats(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-__all__ = ["RelionParticles", "read_particles_star", "write_particles_star", "STRING_COLUMNS"]
+__all__ = ["STRING_COLUMNS", "RelionParticles", "read_particles_star", "write_particles_star"]

@@ -28,7 +28,7 @@ BOX, PIXEL = 64, 1.5
 
 
 def _ctf(n: int = 1, **kwargs) -> torch.Tensor:
-    params = dict(defocus_u_angstrom=15000.0, defocus_v_angstrom=12000.0)
+    params = {"defocus_u_angstrom": 15000.0, "defocus_v_angstrom": 12000.0}
     params.update(kwargs)
     return ctf_2d_rfft(CTFParams.from_values(n, **params), BOX, PIXEL)
 

@@ -26,12 +26,23 @@ import torch
 
 from dynamight_core.ctf import ctf_2d_rfft
 from dynamight_core.deformed_backprojection import (
-    DeformedBackprojector, bilinear_lookup_2d, choose_grid_size, downsample_images,
-    downsample_map, oversample_for_bilinear_lookup)
+    DeformedBackprojector,
+    bilinear_lookup_2d,
+    choose_grid_size,
+    downsample_images,
+    downsample_map,
+    oversample_for_bilinear_lookup,
+)
 from dynamight_core.displacement_field import (
-    displacement_grid_from_gaussians, upsample_displacement_grid)
+    displacement_grid_from_gaussians,
+    upsample_displacement_grid,
+)
 from dynamight_core.fourier_grids import (
-    fftfreq_grid_2d_rfft, radial_shell_index_3d_rfft, rfft2_centered, rfftn_centered_3d)
+    fftfreq_grid_2d_rfft,
+    radial_shell_index_3d_rfft,
+    rfft2_centered,
+    rfftn_centered_3d,
+)
 from dynamight_core.fsc import fsc
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from dynamight_core.particles import CTFParams

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamight_core.device import (
-    choose_device, cpu_has_native_bfloat16, resolve_decoder_precision)
+from dynamight_core.device import choose_device, cpu_has_native_bfloat16, resolve_decoder_precision
 
 
 def test_cpu_without_gpu_id():

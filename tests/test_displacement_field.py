@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from dynamight_core.displacement_field import (
-    displacement_grid_from_gaussians, sample_displacement_grid, upsample_displacement_grid)
+    displacement_grid_from_gaussians,
+    sample_displacement_grid,
+    upsample_displacement_grid,
+)
 
 BOX, PX = 32, 2.0
 

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from relion_tools import correlation
 
 from dynamight_core.fourier_grids import irfft2_centered
 from dynamight_core.gaussian_projection import (
@@ -25,7 +26,6 @@ from dynamight_core.gaussian_projection import (
 )
 from dynamight_core.map_projection import project_map
 from dynamight_core.rotation import random_rotations
-from relion_tools import correlation
 
 BOX, PIXEL = 32, 2.0
 
@@ -70,7 +70,7 @@ def _analytic_projections(positions, sigmas, masses, class_index, rotations) -> 
 
 
 def test_matches_analytic_2d_projection(model):
-    positions, sigmas, masses, class_index, rotations = model
+    _positions, _sigmas, masses, _class_index, _rotations = model
     ours = _project(*model)
     analytic = _analytic_projections(*model)
     assert ours.shape == (6, BOX, BOX)

@@ -22,7 +22,11 @@ from dynamight_core.particles import ParticleSet, TensorImageSource
 from dynamight_core.regularization import distance_preservation_loss
 from dynamight_core.shift import apply_relion_origin_rfft
 from dynamight_core.simulation import (
-    consensus_map, noise_sigma_for_snr, plan_simulation, simulate_images)
+    consensus_map,
+    noise_sigma_for_snr,
+    plan_simulation,
+    simulate_images,
+)
 from dynamight_core.synthetic_structure import hinged_structure
 
 BOX, PIXEL, N_PARTICLES, N_GAUSSIANS, BATCH = 24, 8.0, 96, 150, 16
@@ -46,7 +50,7 @@ def dataset():
 def make_trainers(dataset, validation, **overrides):
     particles, gaussians = dataset
     trainers = {}
-    settings = dict(n_warmup_epochs=1, consensus_update_interval=2, seed=3)
+    settings = {"n_warmup_epochs": 1, "consensus_update_interval": 2, "seed": 3}
     settings.update(overrides)
     for half in (1, 2):
         config = TrainerConfig(box_size=BOX, pixel_size=PIXEL, n_gaussians=N_GAUSSIANS,

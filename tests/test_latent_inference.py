@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from dynamight_core.latent_inference import (
-    finite_difference_linearisation, infer_latents, likelihood_pixel_weights, posterior_kl,
-    sample_posterior)
+    finite_difference_linearisation,
+    infer_latents,
+    likelihood_pixel_weights,
+    posterior_kl,
+    sample_posterior,
+)
 from dynamight_core.noise_model import RadialNoiseEstimate
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from relion_external import InputError, read_map, write_map
-from relion_external import map_io
+from relion_external import InputError, map_io, read_map, write_map
 from relion_external.errors import OutputError
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dynamight_core.map_projection import project_map, simulate_particle_images
-from dynamight_core.rotation import random_rotations
 from relion_tools import (
     amplitude_ratio,
     correlation,
@@ -21,6 +18,9 @@ from relion_tools import (
     read_relion_particles,
     requires_relion,
 )
+
+from dynamight_core.map_projection import project_map, simulate_particle_images
+from dynamight_core.rotation import random_rotations
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,14 @@ import starfile
 import torch
 from scipy.spatial.transform import Rotation
 
-from relion_external import (InputError, check_map_matches, load_particle_set, read_map,
-                             read_particles_star, write_particles_star)
+from relion_external import (
+    InputError,
+    check_map_matches,
+    load_particle_set,
+    read_map,
+    read_particles_star,
+    write_particles_star,
+)
 
 
 @pytest.fixture

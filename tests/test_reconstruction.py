@@ -21,12 +21,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from dynamight_core.fsc import fsc
-from dynamight_core.map_projection import simulate_particle_images
-from dynamight_core.particles import CTFParams
-from dynamight_core.reconstruction import FourierAccumulator
-from dynamight_core.rotation import random_rotations
 from relion_tools import (
     amplitude_ratio,
     make_relion_dataset,
@@ -35,6 +29,12 @@ from relion_tools import (
     requires_relion,
     run_relion_reconstruct,
 )
+
+from dynamight_core.fsc import fsc
+from dynamight_core.map_projection import simulate_particle_images
+from dynamight_core.particles import CTFParams
+from dynamight_core.reconstruction import FourierAccumulator
+from dynamight_core.rotation import random_rotations
 
 N_PARTICLES = 1500
 BATCH = 256

@@ -5,7 +5,11 @@ from dataclasses import replace
 import torch
 
 from dynamight_core.simulation import (
-    noise_sigma_for_snr, plan_simulation, render_state, simulate_images)
+    noise_sigma_for_snr,
+    plan_simulation,
+    render_state,
+    simulate_images,
+)
 from dynamight_core.synthetic_structure import hinged_structure
 
 EXACT = "donot_use_mm_for_euclid_dist"

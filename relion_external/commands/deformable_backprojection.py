@@ -26,7 +26,11 @@ from pathlib import Path
 import torch
 
 from dynamight_core.deformed_backprojection import (
-    DeformedBackprojector, choose_grid_size, downsample_images, downsample_map)
+    DeformedBackprojector,
+    choose_grid_size,
+    downsample_images,
+    downsample_map,
+)
 from dynamight_core.device import choose_device
 from dynamight_core.displacement_field import displacement_grid_from_gaussians
 from dynamight_core.fsc import fsc

@@ -30,11 +30,19 @@ import time
 from pathlib import Path
 
 from ..truth_comparison import (
-    TruthComparison, compare_with_truth, log_comparison, write_comparison_png,
-    write_comparison_star)
+    TruthComparison,
+    compare_with_truth,
+    log_comparison,
+    write_comparison_png,
+    write_comparison_star,
+)
 from . import (
-    deformable_backprojection, optimize_deformations, optimize_inverse_deformations,
-    reconstruct, simulate)
+    deformable_backprojection,
+    optimize_deformations,
+    optimize_inverse_deformations,
+    reconstruct,
+    simulate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,29 +92,31 @@ def main(args, control) -> None:
     out = Path(args.output_directory)
     data, job = out / "data", out / "dynamight"
     t0 = time.time()
-    dataset = dict(preset=args.preset, n_particles=args.n_particles, box_size=args.box_size,
-                   pixel_size=args.pixel_size, snr=args.snr, seed=args.seed)
+    dataset = {"preset": args.preset, "n_particles": args.n_particles,
+               "box_size": args.box_size, "pixel_size": args.pixel_size, "snr": args.snr,
+               "seed": args.seed}
     stages = [
         ("simulate", simulate, (), dict(output_directory=data, **dataset)),
         ("simulate the same particles without motion", simulate, (), dict(
             output_directory=out / "data_nomotion", no_motion=True, **dataset)),
-        ("rigid reconstruction (the consensus half maps)", reconstruct, (), dict(
-            refinement_star_file=data / "particles.star", output_directory=out / "reconstruct",
-            mask_file=data / "mask.mrc", gpu_id=args.gpu_id)),
-        ("rigid reconstruction without motion (the upper bound)", reconstruct, (), dict(
-            refinement_star_file=out / "data_nomotion" / "particles.star",
-            output_directory=out / "reconstruct_nomotion", mask_file=data / "mask.mrc",
-            gpu_id=args.gpu_id)),
-        ("optimize-deformations", optimize_deformations, (), dict(
-            refinement_star_file=data / "particles.star",
-            initial_model=data / "consensus_map.mrc", output_directory=job,
-            n_gaussians=args.n_gaussians, n_epochs=args.n_epochs or None,
-            n_threads=args.n_threads,
-            gpu_id=args.gpu_id, seed=args.seed)),
-        ("optimize-inverse-deformations", optimize_inverse_deformations, (job,), dict(
-            n_threads=args.n_threads, gpu_id=args.gpu_id)),
-        ("deformable-backprojection", deformable_backprojection, (job,), dict(
-            mask_file=data / "mask.mrc", n_threads=args.n_threads, gpu_id=args.gpu_id)),
+        ("rigid reconstruction (the consensus half maps)", reconstruct, (), {
+            "refinement_star_file": data / "particles.star",
+            "output_directory": out / "reconstruct", "mask_file": data / "mask.mrc",
+            "gpu_id": args.gpu_id}),
+        ("rigid reconstruction without motion (the upper bound)", reconstruct, (), {
+            "refinement_star_file": out / "data_nomotion" / "particles.star",
+            "output_directory": out / "reconstruct_nomotion", "mask_file": data / "mask.mrc",
+            "gpu_id": args.gpu_id}),
+        ("optimize-deformations", optimize_deformations, (), {
+            "refinement_star_file": data / "particles.star",
+            "initial_model": data / "consensus_map.mrc", "output_directory": job,
+            "n_gaussians": args.n_gaussians, "n_epochs": args.n_epochs or None,
+            "n_threads": args.n_threads,
+            "gpu_id": args.gpu_id, "seed": args.seed}),
+        ("optimize-inverse-deformations", optimize_inverse_deformations, (job,), {
+            "n_threads": args.n_threads, "gpu_id": args.gpu_id}),
+        ("deformable-backprojection", deformable_backprojection, (job,), {
+            "mask_file": data / "mask.mrc", "n_threads": args.n_threads, "gpu_id": args.gpu_id}),
     ]
     for k, (name, module, positional, values) in enumerate(stages, start=1):
         logger.info("[%d/%d] %s (%.0f s so far)", k, len(stages), name, time.time() - t0)

@@ -147,6 +147,16 @@ def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def _check_qt_libraries() -> None:
+    """Fail with the packages to install, before Qt aborts the process over its xcb plugin."""
+    from ..latent_explorer.qt_libraries import xcb_problem
+
+    problem = xcb_problem()
+    if problem is not None:
+        raise InputError(None, "Qt", problem,
+                         "Or run without a window: --headless (see --help).")
+
+
 def main(args, control) -> None:
     from ..latent_explorer.headless import run_actions
     from ..latent_explorer.session import TrackNotFound, open_session
@@ -171,6 +181,8 @@ def main(args, control) -> None:
                     "%s --half-set %d` on a machine with a display", maps_along_pcs,
                     Path(args.output_directory) / "latent_space", args.output_directory,
                     args.half_set)
+    if window or args.screenshot:
+        _check_qt_libraries()
     try:
         session = open_session(args.output_directory, args.half_set,
                                checkpoint_file=args.checkpoint_file,

@@ -42,12 +42,16 @@ import numpy as np
 import torch
 
 from dynamight_core.checkpoint import (
-    FINAL_NAME, epoch_checkpoint_name, load_checkpoint, load_latest_checkpoint,
-    prune_checkpoints, save_checkpoint)
+    FINAL_NAME,
+    epoch_checkpoint_name,
+    load_checkpoint,
+    load_latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
+from dynamight_core.device import DECODER_PRECISIONS, choose_device, resolve_decoder_precision
 from dynamight_core.early_stopping import EarlyStopping
-from dynamight_core.device import (
-    DECODER_PRECISIONS, choose_device, resolve_decoder_precision)
 from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_from_map
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig

@@ -53,12 +53,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynamight_core.checkpoint_file import CheckpointError
+from dynamight_core.checkpoint_folder import (
+    epoch_checkpoint_name,
+    epoch_checkpoints,
+    load_latest,
+    prune,
+)
 from dynamight_core.deformed_backprojection import choose_grid_size
 from dynamight_core.device import choose_device
 from dynamight_core.fixed_point_inverse import FixedPointInverse
-from dynamight_core.checkpoint_file import CheckpointError
-from dynamight_core.checkpoint_folder import (
-    epoch_checkpoint_name, epoch_checkpoints, load_latest, prune)
 from dynamight_core.inverse_checkpoint import (
     METHODS,
     load_inverse_checkpoint,
