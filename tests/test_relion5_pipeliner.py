@@ -191,3 +191,29 @@ def test_a_misspelt_additional_argument_fails_the_job_quickly(project):
         "dynamight optimize-deformations: argument error: unrecognized arguments: --n-epoch 4 "
         "(see dynamight optimize-deformations --help)")
     assert seconds < 30
+
+
+def test_abort_ends_the_job_aborted_within_seconds(project):
+    """The GUI's Abort writes RELION_JOB_ABORT_NOW into the job folder; training stops at its
+    next batch and the job ends Aborted, with exactly that exit file."""
+    job = add_job(project, "--n-epochs 500 --n-map-fit-steps 20 --batch-size 20")
+    runner = subprocess.Popen([str(PIPELINER), "--RunJobs", job, "--sec_wait_after", "1"],
+                              cwd=project.root, env=project.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        run_out = project.root / job / "run.out"
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and not (
+                run_out.is_file() and "epoch 1/500" in run_out.read_text()):
+            time.sleep(0.5)
+        assert "epoch 1/500" in run_out.read_text(), _logs(project)
+        t0 = time.time()
+        (project.root / job / "RELION_JOB_ABORT_NOW").touch()
+        runner.wait(timeout=TIMEOUT)
+        seconds = time.time() - t0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert status(project, job) == "Aborted", _logs(project)
+    assert exit_files(project, job) == ["RELION_JOB_EXIT_ABORTED"]
+    assert seconds < 20, seconds
