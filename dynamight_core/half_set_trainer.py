@@ -227,7 +227,8 @@ class HalfSetTrainer:
         if self.temporal is None:
             return
         use = np.isin(self.known_indices, self.train_indices)
-        tau = self.temporal.fit(self.latents, self.latent_precision, use)
+        tau = self.temporal.fit(self.latents, self.latent_precision, use,
+                                likelihood_scale=self.config.beta)
         logger.debug("half %d: temporal correlation time %.3g", self.half, tau)
 
     # -- latent codes ------------------------------------------------------------------------

@@ -163,7 +163,8 @@ class TemporalPrior:
 
     @torch.no_grad()
     def fit(self, codes: torch.Tensor, precisions: torch.Tensor,
-            use: np.ndarray | None = None, grid: int = 400) -> float:
+            use: np.ndarray | None = None, grid: int = 400,
+            likelihood_scale: float = 1.0) -> float:
         """One EM update of ``correlation_time``: the maximum, over a log grid from 0.1 to 10⁴
         times the median time step, of the expected log-probability of consecutive frames
         under the joint Gaussian posterior of each chain.
@@ -178,12 +179,22 @@ class TemporalPrior:
         drive the correlation time to zero whenever the images say little: the prior's own
         correlations would be missing from the statistics.) With images that say nothing the
         update returns the current value. ``use`` (n,) bool: chains with a row not used are
-        left out (default: all used). Without pairs nothing changes. Returns the new value."""
+        left out (default: all used). Without pairs nothing changes. Returns the new value.
+
+        ``likelihood_scale``: codes inferred with a tempered likelihood (``NLL / beta``, so
+        ``H - p I`` is ``1 / beta`` times what the image says) are noisier than their
+        precisions admit, and read as they are they look like fast motion. With
+        ``likelihood_scale = beta`` each code is taken apart into what its image says (the
+        code it would have without the prior, ``ẑ = z + L⁻¹ p (z - m)`` at its prior mean
+        ``m`` given its neighbours, ``L = H - p I``) with the untempered precision ``beta L``,
+        and the chain's joint posterior is recomputed from those (a Kalman smoother), so the
+        update sees each image's real uncertainty."""
         z_all = codes.detach().double().cpu().numpy()
         h_all = precisions.detach().double().cpu().numpy()
         d = z_all.shape[1]
-        p_cond = self.conditional(torch.arange(len(self.layout), device=self.device),
-                                  codes.new_zeros(codes.shape).to(self.device))[1]
+        m_cond, p_cond = self.conditional(torch.arange(len(self.layout), device=self.device),
+                                          codes.to(self.device))
+        m_cond = m_cond.double().cpu().numpy()
         p_cond = p_cond.double().cpu().numpy()
         s_tt, s_pp, s_tp, dts = [], [], [], []
         for chain in self.layout.chains():
@@ -193,15 +204,21 @@ class TemporalPrior:
             dt = self.layout.dt_previous[chain[1:]]
             likelihood = h_all[chain] - p_cond[chain, None, None] * np.eye(d)
             likelihood = 0.5 * (likelihood + np.swapaxes(likelihood, 1, 2))
+            z = z_all[chain]
+            # what each image says, L ẑ = L z + p (z - m), with its untempered precision
+            information = (np.einsum("kij,kj->ki", likelihood, z)
+                           + p_cond[chain, None] * (z - m_cond[chain]))
+            likelihood = likelihood_scale * likelihood
+            information = likelihood_scale * information
             joint = np.kron(self._chain_prior_precision(dt), np.eye(d))
             for k in range(n):
                 joint[k * d:(k + 1) * d, k * d:(k + 1) * d] += likelihood[k]
             cov = np.linalg.inv(joint)
+            z = (cov @ information.reshape(-1)).reshape(n, d)  # the chain's posterior means
             diag = np.array([np.trace(cov[k * d:(k + 1) * d, k * d:(k + 1) * d])
                              for k in range(n)])
             cross = np.array([np.trace(cov[k * d:(k + 1) * d, (k - 1) * d:k * d])
                               for k in range(1, n)])
-            z = z_all[chain]
             s_tt.append((z[1:] ** 2).sum(-1) + diag[1:])
             s_pp.append((z[:-1] ** 2).sum(-1) + diag[:-1])
             s_tp.append((z[1:] * z[:-1]).sum(-1) + cross)

@@ -139,3 +139,32 @@ def test_log_probability_is_the_gaussian_process_density():
             expected += float(torch.distributions.MultivariateNormal(
                 torch.zeros(len(rows), dtype=torch.float64), cov).log_prob(codes[rows, j]))
     assert prior.log_probability(codes) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.3])
+def test_codes_from_a_tempered_likelihood_are_read_with_their_real_uncertainty(beta):
+    """Codes inferred with NLL / beta (the trainer's KL weight) claim beta times their real
+    variance; read as they are, the EM finds fast motion (a short τ). likelihood_scale=beta
+    recovers the τ that drew them; 1 does not."""
+    rng = np.random.default_rng(8)
+    true_tau, d, sigma = 8.0, 1, 0.7
+    track, time, codes = _ou_tracks(true_tau, 120, 30, d, rng)
+    y = codes + sigma * rng.standard_normal(codes.shape)
+    layout = TrackLayout.from_tracks(track, time)
+
+    def em(scale):
+        prior = TemporalPrior(layout, correlation_time=1.5)
+        for _ in range(25):
+            means = np.zeros_like(codes)
+            for chain in layout.chains():  # the tempered posterior, as the trainer infers it
+                q = prior._chain_prior_precision(layout.dt_previous[chain[1:]])
+                joint = q + np.eye(chain.shape[0]) / (beta * sigma**2)
+                means[chain, 0] = np.linalg.solve(joint, y[chain, 0] / (beta * sigma**2))
+            _, p = prior.conditional(torch.arange(len(layout)), torch.zeros(len(layout), d))
+            h = (p.double() + 1 / (beta * sigma**2))[:, None, None] * torch.ones(
+                1, 1, 1, dtype=torch.float64)
+            prior.fit(torch.tensor(means), h, likelihood_scale=scale)
+        return prior.correlation_time
+
+    assert em(beta) == pytest.approx(true_tau, rel=0.15)  # measured 7.80 for both betas
+    assert em(1.0) < 0.6 * true_tau  # measured 2.01 (beta 0.1) and 2.68 (0.3)
