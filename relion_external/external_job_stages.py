@@ -8,6 +8,7 @@ from that, and from ``redo``, which of the asked-for stages run and why.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ def stage_finished(job_dir: str | Path, stage: str) -> tuple[bool, str]:
         return False, f"no {missing[0]}"
     if incomplete_marker(job_dir, stage).exists():
         return False, "an earlier run of this stage did not complete"
+    # a damaged checkpoint (truncated: disk full, a bad copy) is not a finished stage: the
+    # stage runs again and continues from its newest intact checkpoint
+    damaged = [name for name in STAGE_OUTPUTS[stage]
+               if name.endswith(".pth") and not zipfile.is_zipfile(job_dir / name)]
+    if damaged:
+        return False, f"{damaged[0]} is damaged (not a complete checkpoint archive)"
     return True, ", ".join(STAGE_OUTPUTS[stage]) + " present"
 
 

@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from relion_external import external_job as ej
 from relion_external import external_job_args as ja
@@ -236,7 +237,10 @@ class FakeStage:
             os.kill(os.getpid(), signal.SIGTERM)
         for name in names:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text(self.stage)
+            if name.endswith(".pth"):  # a checkpoint archive, as torch.save writes one
+                torch.save({"stage": self.stage}, out / name)
+            else:
+                (out / name).write_text(self.stage)
 
 
 @pytest.fixture
@@ -298,6 +302,24 @@ def test_continue_skips_finished_stages_and_resumes_the_first_unfinished(
     fake_stages["log"].clear()
     assert _run(tmp_path) == 0
     assert fake_stages["log"] == []
+    assert exit_status(job) == "success"
+
+
+def test_continue_reruns_a_stage_whose_final_checkpoint_is_damaged(
+        tmp_path, fake_stages, capsys):
+    """A truncated checkpoint_final.pth (disk full, a bad copy) is not a finished forward
+    stage: Continue runs it again (it then resumes from its newest intact checkpoint)."""
+    job = tmp_path / "External" / "job003"
+    assert _run(tmp_path) == 0
+    final = job / js.STAGE_OUTPUTS["forward"][0]
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])
+    finished, why = js.stage_finished(job, "forward")
+    assert not finished and why == (f"{js.STAGE_OUTPUTS['forward'][0]} is damaged (not a "
+                                    "complete checkpoint archive)")
+    fake_stages["log"].clear()
+    (job / "job.star").write_text("data_job\n\n_rlnJobType 99\n_rlnJobIsContinue 1\n")
+    assert _run(tmp_path) == 0
+    assert fake_stages["log"] == ["forward", "inverse", "backprojection"]
     assert exit_status(job) == "success"
 
 
