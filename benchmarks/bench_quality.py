@@ -74,20 +74,28 @@ def score(root: Path, job: Path) -> dict:
     return out
 
 
-def run_dataset(out: Path, preset: str, snr: float, args, extra: list[str]) -> dict:
-    root = out / f"{preset}_snr{snr:g}"
+def prepare_dataset(root: Path, simulate_options: list[str]) -> None:
+    """``root/data`` and ``root/data_nomotion`` (``dynamight simulate`` with the options, and
+    ``--no-motion``) and their rigid reconstructions ``root/rigid`` (the consensus half maps)
+    and ``root/upper`` (the motion-free upper bound); what exists already is reused."""
     data, nomotion = root / "data", root / "data_nomotion"
-    common = ["--preset", preset, "--snr", str(snr), "--seed", str(args.seed)]
-    for key in ("n_particles", "box_size", "pixel_size"):
-        if getattr(args, key) is not None:
-            common += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for folder, flags in ((data, []), (nomotion, ["--no-motion"])):
         if not (folder / "particles.star").is_file():
-            _run(["simulate", "--output-directory", str(folder), *common, *flags])
+            _run(["simulate", "--output-directory", str(folder), *simulate_options, *flags])
     for folder, source in ((root / "rigid", data), (root / "upper", nomotion)):
         if not (folder / "map_half2.mrc").is_file():
             _run(["reconstruct", "--refinement-star-file", str(source / "particles.star"),
                   "--output-directory", str(folder), "--mask-file", str(data / "mask.mrc")])
+
+
+def run_dataset(out: Path, preset: str, snr: float, args, extra: list[str]) -> dict:
+    root = out / f"{preset}_snr{snr:g}"
+    data = root / "data"
+    common = ["--preset", preset, "--snr", str(snr), "--seed", str(args.seed)]
+    for key in ("n_particles", "box_size", "pixel_size"):
+        if getattr(args, key) is not None:
+            common += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    prepare_dataset(root, common)
     job = root / args.job_name
     gpu = ["--gpu-id", args.gpu_id] if args.gpu_id is not None else []
     threads = ["--n-threads", str(args.n_threads)]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, bench_quality
 
 from _common import cpu_name
-from bench_quality import _run, score
+from bench_quality import _run, prepare_dataset, score
 
 
 def main(argv=None) -> None:
@@ -56,16 +56,10 @@ def main(argv=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     print(f"# torch {torch.__version__}, {cpu_name() if args.gpu_id is None else 'GPU'}, "
           f"threads {args.n_threads}", flush=True)
-    data, nomotion = root / "data", root / "data_nomotion"
-    common = ["--preset", args.preset, "--snr", str(args.snr), "--seed", str(args.seed),
-              "--tracks", str(args.tracks), "--frames", str(args.frames)]
-    for folder, flags in ((data, []), (nomotion, ["--no-motion"])):
-        if not (folder / "particles.star").is_file():
-            _run(["simulate", "--output-directory", str(folder), *common, *flags])
-    for folder, source in ((root / "rigid", data), (root / "upper", nomotion)):
-        if not (folder / "map_half2.mrc").is_file():
-            _run(["reconstruct", "--refinement-star-file", str(source / "particles.star"),
-                  "--output-directory", str(folder), "--mask-file", str(data / "mask.mrc")])
+    data = root / "data"
+    prepare_dataset(root, ["--preset", args.preset, "--snr", str(args.snr), "--seed",
+                           str(args.seed), "--tracks", str(args.tracks), "--frames",
+                           str(args.frames)])
     gpu = ["--gpu-id", args.gpu_id] if args.gpu_id is not None else []
     threads = ["--n-threads", str(args.n_threads)]
     results = []

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dynamight_core.temporal_prior import TrackLayout
+
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -58,13 +60,10 @@ def read_tracks(star_path: str | Path, particles: pd.DataFrame
     else:
         raise InputError(star_path, TRACK, "missing (and no rlnMicrographName to take tracks "
                          "from)", f"Add {TRACK}, or leave out --temporal-prior.")
-    order = np.lexsort((time, track))
-    dup = (track[order[1:]] == track[order[:-1]]) & (time[order[1:]] == time[order[:-1]]) & (
-        track[order[1:]] >= 0)
-    if np.any(dup):
-        k = order[1:][np.flatnonzero(dup)[0]]
-        raise InputError(star_path, TIME, f"track {int(track[k])} has two particles at time "
-                         f"{time[k]:g} (row {int(k) + 1})", "Each frame of a track once.")
+    try:  # the core's own check, at input time: one frame of a track at each time
+        TrackLayout.from_tracks(track, time)
+    except ValueError as err:
+        raise InputError(star_path, TIME, str(err), "Each frame of a track once.") from err
     return track, time
 
 

@@ -371,7 +371,8 @@ def main(args, control) -> None:
                     _checkpoint_state(args, trainers, validation, particles.half_set, epoch,
                                       stopping, stopped_early))
     _log_consensus_agreement(trainers)
-    _write_particles(out, args, particles, star, trainers, validation, device, control)
+    _write_particles(out, args, particles, star, trainers, validation, device, control,
+                     tracks)
     if getattr(args, "pipeline_control", None):  # RELION: particles.star becomes an input
         write_output_nodes(args.pipeline_control,
                            [OutputNode(node_name(out, "particles.star"), PARTICLES)])
@@ -400,7 +401,8 @@ def _log_consensus_agreement(trainers) -> None:
                 "(95th percentile %.3f Å)", float(gap.mean()), float(gap.quantile(0.95)))
 
 
-def _write_particles(out, args, particles, star, trainers, validation, device, control) -> None:
+def _write_particles(out, args, particles, star, trainers, validation, device, control,
+                     tracks=None) -> None:
     n = len(particles)
     d = trainers[1].config.latent_dim
     latents = np.zeros((n, d))
@@ -429,8 +431,6 @@ def _write_particles(out, args, particles, star, trainers, validation, device, c
     table["rlnDynaMightDeformationError"] = error
     write_particles_star(out / "particles.star", (star.optics, table))
     logger.info("wrote %s", out / "particles.star")
-    if trainers[1].temporal is not None and args.temporal_prior:
-        track, time_ = read_tracks(args.refinement_star_file, star.particles)
-        plot = write_track_latents_plot(out / "track_latents.png", latents, track, time_,
-                                        half_set)
+    if tracks is not None and trainers[1].temporal is not None:
+        plot = write_track_latents_plot(out / "track_latents.png", latents, *tracks, half_set)
         logger.info("wrote %s (latent codes against time, a few tracks per half set)", plot)
