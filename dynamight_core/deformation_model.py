@@ -59,9 +59,18 @@ class Batch:
     rotations: torch.Tensor  # (b, 3, 3) RELION A
     shifts_angstrom: torch.Tensor  # (b, 2)
     ctf: CTFParams
+    # data parallel (:mod:`.distributed`): this batch is rows ``offset ..`` of a batch of
+    # ``total`` particles split between processes (0 / None: the whole batch)
+    offset: int = 0
+    total: int | None = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
+
+    @property
+    def global_size(self) -> int:
+        """Particles in the whole batch this one is a share of."""
+        return len(self) if self.total is None else int(self.total)
 
 
 def make_batch(particles: ParticleSet, indices: np.ndarray, device: torch.device) -> Batch:

@@ -11,13 +11,23 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def choose_device(gpu_id: str | int | None) -> torch.device:
+def gpu_ids(gpu_id: str | int | None) -> list[str]:
+    """The GPU ids of a RELION-style ``--gpu-id`` (``"0,1"``, ``"0:1"``; none for ``""`` or
+    ``-1``)."""
+    text = "" if gpu_id is None else str(gpu_id).strip()
+    ids = [part.strip() for part in text.replace(":", ",").split(",") if part.strip()]
+    return [] if ids in ([], ["-1"]) else ids
+
+
+def choose_device(gpu_id: str | int | None, local_rank: int = 0) -> torch.device:
     """``cuda:<id>`` when a GPU id is given and CUDA is available; otherwise the CPU.
 
-    ``gpu_id`` may be ``None``/``""``/``-1`` (CPU) or a RELION-style ``"0"`` / ``"0,1"`` (first id).
+    ``gpu_id`` may be ``None``/``""``/``-1`` (CPU) or a RELION-style ``"0"`` / ``"0,1"``: the
+    process with ``local_rank`` k on its node (torchrun's ``LOCAL_RANK``) takes the k-th id,
+    cycling; one process takes the first.
     """
-    text = "" if gpu_id is None else str(gpu_id).strip()
-    first = text.split(",")[0].split(":")[0].strip()
+    ids = gpu_ids(gpu_id)
+    first = ids[local_rank % len(ids)] if ids else ""
     if first in ("", "-1"):
         return torch.device("cpu")
     if not torch.cuda.is_available():

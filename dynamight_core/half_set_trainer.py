@@ -70,6 +70,7 @@ import torch
 
 from .decoder import DeformationDecoder
 from .deformation_model import Batch, DeformationModel, negative_log_likelihood, noise_normalisation
+from .distributed import Group
 from .fourier_grids import rfft2_centered
 from .gaussian_model import GaussianModel
 from .latent_inference import (
@@ -178,6 +179,19 @@ class HalfSetTrainer:
         self._tracks: tuple[np.ndarray, np.ndarray] | None = None
         # Gauss-Newton precisions of the stored codes: kept only for the temporal prior's fit
         self.latent_precision: torch.Tensor | None = None
+        self.group = Group()  # see set_group
+        self._touched: torch.Tensor | None = None  # code rows changed here (data parallel)
+
+    def set_group(self, group: Group) -> None:
+        """Train data parallel with the other processes of ``group`` (:mod:`.distributed`):
+        each gets a share of every batch (:attr:`Batch.offset`, :attr:`Batch.total`), and
+        gradients, noise sums, losses and changed codes are summed over the group after each
+        batch or epoch, so the replicas stay identical. The temporal prior is not supported
+        data parallel (a code's prior reads its neighbours' codes during the epoch)."""
+        if group.parallel and self.temporal is not None:
+            raise ValueError("the temporal prior trains with one process per half set")
+        self.group = group
+        group.broadcast_module(self.model)
 
     # -- schedule -------------------------------------------------------------------------
     @property
@@ -207,6 +221,8 @@ class HalfSetTrainer:
         if correlation_time is None:
             steps = layout.dt_previous[layout.previous >= 0]
             correlation_time = 5.0 * (float(np.median(steps)) if steps.size else 1.0)
+        if self.group.parallel:
+            raise ValueError("the temporal prior trains with one process per half set")
         self._tracks = (track, time)
         self.temporal = TemporalPrior(layout, correlation_time, self.device)
         self.latent_precision = torch.eye(self.config.latent_dim, device=self.device).repeat(
@@ -258,9 +274,28 @@ class HalfSetTrainer:
             prior=self._prior(rows, known))
         if store and bool(known.any()):
             self.latents[rows[known]] = mean[known]
+            self._touch(rows[known])
             if self.latent_precision is not None:
                 self.latent_precision[rows[known]] = precision[known]
         return mean, precision
+
+    def _touch(self, rows: torch.Tensor) -> None:
+        if self.group.parallel:
+            if self._touched is None:
+                self._touched = torch.zeros(self.latents.shape[0], dtype=torch.bool,
+                                            device=self.device)
+            self._touched[rows] = True
+
+    def _sync_codes(self, table: torch.Tensor | None = None) -> None:
+        """Data parallel: every replica gets the codes the others changed since the last
+        call (each particle is handled by one process)."""
+        if not self.group.parallel:
+            return
+        touched = self._touched
+        if touched is None:
+            touched = torch.zeros(self.latents.shape[0], dtype=torch.bool, device=self.device)
+        self.group.sync_rows(self.latents if table is None else table, touched)
+        self._touched = None
 
     @property
     def _codes(self) -> torch.Tensor:
@@ -294,18 +329,27 @@ class HalfSetTrainer:
         """Noise spectrum from the residuals of the consensus projection."""
         self.noise.reset()
         for batch in batches:
-            out = self.model(batch)
-            self.noise.accumulate(out["image_rfft"] - out["model_rfft"])
-        self._refresh_noise()
+            if len(batch):
+                out = self.model(batch)
+                self.noise.accumulate(out["image_rfft"] - out["model_rfft"])
+        self._refresh_noise(gathered=False)
 
-    def _refresh_noise(self) -> None:
+    def _refresh_noise(self, gathered: bool = True) -> None:
+        """New noise weights from the sums; ``gathered=False``: the sums are this process's
+        share and are first added over the data-parallel group."""
+        if not gathered:
+            self.group.all_reduce(self.noise.power_sum)
+            self.group.all_reduce(self.noise.count)
         self.noise_weights = self.noise.weights()
         self.noise_norm = noise_normalisation(self.noise)
         self.pixel_weights = likelihood_pixel_weights(self.noise_weights, self.noise_norm)
 
     # -- training ---------------------------------------------------------------------------
-    def train_epoch(self, batches: Iterable[Batch]) -> dict[str, float]:
-        """One pass over ``batches``; returns per-particle means as plain floats."""
+    def train_epoch(self, batches: Iterable[Batch],
+                    order: np.ndarray | None = None) -> dict[str, float]:
+        """One pass over ``batches``; returns per-particle means as plain floats. ``order``:
+        the particle indices of the whole epoch in visiting order (needed data parallel, where
+        ``batches`` are this process's shares)."""
         c = self.config
         warmup = self.in_warmup
         self.final_latents = None  # the model changes: final codes no longer hold
@@ -313,43 +357,54 @@ class HalfSetTrainer:
         consensus = self.model.gaussians.positions.detach()
         self._edges, self._rest_lengths = build_neighbour_graph(consensus)
         self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance)
-        weights, norm = self.noise_weights, self.noise_norm
         self.noise.reset()
         sums = {"data": 0.0, "mse": 0.0, "kl": 0.0, "reg": 0.0}
         n_seen, mus, first = 0, [], True
+        parallel = self.group.parallel
+        reduce = self.group.all_reduce if parallel else None
+        params = [p for group in self.optimiser.param_groups for p in group["params"]]
         self.model.train()
         for batch in batches:
-            if warmup:
-                out = self.model(batch)
-            else:
-                mean, precision, prior = self._refine_codes(batch)
-                z = sample_posterior(mean, precision, self.sample_generator)
-                out = self.model(batch, z)
-            nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], weights, norm)
-            loss = nll.mean()
-            if not warmup:
-                reg = self._regularisation(out["deformed"])
-                if first:
-                    self.regularization_weight = gradient_norm_ratio_lambda(
-                        nll.mean(), reg.mean(), self.model.decoder.parameters(),
-                        c.regularization_factor)
-                loss = loss + self.regularization_weight * reg.mean()
-                sums["kl"] += float(posterior_kl(mean, precision, prior).sum())
-                sums["reg"] += float(reg.detach().sum())
-                mus.append(mean)
-            first = False
             self.optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(batch):
+                nll, mse, reg, mean, precision, prior = self._batch_terms(batch, warmup)
+                total = batch.global_size
+                # data parallel: each share adds its part of the batch mean
+                data = nll.mean() if total == len(batch) else nll.sum() / total
+                loss = data
+                if not warmup:
+                    reg_mean = reg.mean() if total == len(batch) else reg.sum() / total
+                    if first:
+                        self.regularization_weight = gradient_norm_ratio_lambda(
+                            data, reg_mean, self.model.decoder.parameters(),
+                            c.regularization_factor, reduce=reduce)
+                    loss = loss + self.regularization_weight * reg_mean
+                    sums["kl"] += float(posterior_kl(mean, precision, prior).sum())
+                    sums["reg"] += float(reg.detach().sum())
+                    mus.append(mean)
+                loss.backward()
+                sums["data"] += float(nll.detach().sum())
+                sums["mse"] += float(mse.detach().sum())
+                n_seen += len(batch)
+            elif not parallel:
+                continue
+            first = False
+            self.group.all_reduce_gradients(params)
             self.optimiser.step()
             with torch.no_grad():
                 g = self.model.gaussians
                 g.log_sigmas.clamp_(min=math.log(0.5 * c.pixel_size))
-                self.noise.accumulate(out["image_rfft"] - out["model_rfft"].detach())
-            sums["data"] += float(nll.detach().sum())
-            sums["mse"] += float(mse.detach().sum())
-            n_seen += len(batch)
-        self._refresh_noise()
+        if parallel:
+            totals = self.group.all_reduce_numbers([*sums.values(), float(n_seen)])
+            sums = dict(zip(sums, totals[:-1], strict=True))
+            n_seen = int(totals[-1])
+        self._refresh_noise(gathered=False)
         self.epoch += 1
+        if parallel and not warmup:
+            self._sync_codes()
+            if order is None:
+                raise ValueError("data parallel training needs the epoch's order")
+            mus = [self.latents[self._rows(order)[0]]]
         if not warmup:
             self._fit_temporal()
         joint_epochs = self.epoch - c.n_warmup_epochs
@@ -360,6 +415,28 @@ class HalfSetTrainer:
         stats.update(n_particles=float(n_seen), regularization_weight=self.regularization_weight,
                      warmup=float(warmup))
         return stats
+
+    def _batch_terms(self, batch: Batch, warmup: bool):
+        """Forward pass of a training batch: per-particle NLL, MSE and regulariser (None in
+        warm-up), the codes' posterior and prior; the noise sums take the residuals."""
+        mean = precision = prior = reg = None
+        if warmup:
+            out = self.model(batch)
+        else:
+            mean, precision, prior = self._refine_codes(batch)
+            # the batch's draws, of which a data-parallel share takes its rows
+            noise = torch.randn((batch.global_size, mean.shape[-1]),
+                                generator=self.sample_generator, device=mean.device,
+                                dtype=mean.dtype)[batch.offset:batch.offset + len(batch)]
+            z = sample_posterior(mean, precision, noise=noise)
+            out = self.model(batch, z)
+        nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"],
+                                           self.noise_weights, self.noise_norm)
+        if not warmup:
+            reg = self._regularisation(out["deformed"])
+        with torch.no_grad():
+            self.noise.accumulate(out["image_rfft"] - out["model_rfft"].detach())
+        return nll, mse, reg, mean, precision, prior
 
     @torch.no_grad()
     def _refine_codes(self, batch: Batch):
@@ -374,6 +451,7 @@ class HalfSetTrainer:
                                                  self.pixel_weights, self.config.beta, prior)
         mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)
         self.latents[rows] = mean
+        self._touch(rows)
         if self.latent_precision is not None:
             self.latent_precision[rows] = precision
         return mean, precision, prior
@@ -409,11 +487,16 @@ class HalfSetTrainer:
         flat = torch.ones_like(self.noise_weights) * (self.noise_weights > 0)
         total, n = 0.0, 0
         for batch in batches:
+            if not len(batch):
+                continue
             z = None if self.in_warmup else self.infer(batch)[0]
             out = self.model(batch, z)
             _, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], flat, 1.0)
             total += float(mse.sum())
             n += len(batch)
+        if self.group.parallel:
+            total, n = self.group.all_reduce_numbers([total, float(n)])
+            self._sync_codes()
         return total / n if n else float("nan")
 
     @torch.no_grad()
@@ -425,10 +508,15 @@ class HalfSetTrainer:
         self.model.eval()
         if self.final_latents is None:
             self.final_latents = self.latents.clone()
+        touched = torch.zeros(self.latents.shape[0], dtype=torch.bool, device=self.device)
         for batch in batches:
+            if not len(batch):
+                continue
             rows, known = self._rows(batch.indices)
             mean = self.infer(batch, n_steps, store=False)[0]
             self.final_latents[rows[known]] = mean[known]
+            touched[rows[known]] = True
+        self.group.sync_rows(self.final_latents, touched)
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:

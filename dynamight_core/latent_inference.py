@@ -173,9 +173,12 @@ def sample_posterior(
     mean: torch.Tensor,  # (b, d)
     precision: torch.Tensor,  # (b, d, d)
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,  # (b, d) standard normal draws to use instead
 ) -> torch.Tensor:  # (b, d)
     """A draw from ``N(mean, precision⁻¹)`` (``generator`` on ``mean``'s device)."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device,
+                            dtype=mean.dtype)
     lower = torch.linalg.cholesky(precision)  # precision = L Lᵀ, covariance = L⁻ᵀ L⁻¹
     return mean + torch.linalg.solve_triangular(lower.transpose(-1, -2), noise[..., None],
                                                 upper=True)[..., 0]

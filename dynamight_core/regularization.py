@@ -26,7 +26,7 @@ Rules (all distances in Å, positions xyz relative to the box centre):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -131,7 +131,14 @@ def repulsion_loss(
     return (overlap**2).sum(dim=-1) / deformed.shape[1]
 
 
-def _gradient_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
+def _gradient_norm(loss: torch.Tensor, params: list[torch.Tensor],
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    if reduce is not None:  # the gradient is a sum over processes: add them, then the norm
+        grads = (torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                 if loss.requires_grad else [None] * len(params))
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
+                          for g, p in zip(grads, params, strict=True)])
+        return float(reduce(flat).pow(2).sum().sqrt())
     if not loss.requires_grad:
         return 0.0
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -147,18 +154,21 @@ def gradient_norm_ratio_lambda(
     params: Iterable[torch.Tensor],  # decoder parameters
     factor: float,
     fallback: float | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """``lambda = factor * ||d data / d params|| / ||d reg / d params||`` (L2 over all params).
 
     Uses ``torch.autograd.grad(..., retain_graph=True)``: the graphs survive for the caller's
     backward and no ``.grad`` is touched. When the regulariser gradient vanishes (e.g. a
     zero-initialised decoder sits at its minimum) ``fallback`` (default ``factor``) is returned.
+    With ``reduce`` (data parallel: each process holds part of the batch's terms), each term's
+    flattened gradient is passed through ``reduce`` (an all-reduce sum) before its norm.
     """
     param_list = [p for p in params if p.requires_grad]
     if not param_list:
         raise ValueError("no parameter requires grad")
-    data_norm = _gradient_norm(data_loss, param_list)
-    reg_norm = _gradient_norm(reg_loss, param_list)
+    data_norm = _gradient_norm(data_loss, param_list, reduce)
+    reg_norm = _gradient_norm(reg_loss, param_list, reduce)
     if not np.isfinite(data_norm) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
         value = factor if fallback is None else fallback
         logger.debug("gradient-norm lambda: |grad reg| = %g, using fallback %g", reg_norm, value)

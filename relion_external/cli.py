@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import traceback
 
 from dynamight_core.checkpoint_file import CheckpointError, CheckpointWriteError
 
+from . import launch
 from .appended_options import RELION5_TASKS, accept_options_of_other_tasks, ignored_option_warnings
 from .argument_parser import (
     ArgumentParser,
@@ -107,7 +109,9 @@ def configure_logging(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # several processes (launch): only rank 0 reports progress
+    quiet = os.environ.get("RANK", "0") not in ("", "0")
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def _command_name(argv: list[str]) -> str:
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
     # the job folder comes from the raw arguments: a bad command line gets its exit file too
-    control = PipelineControl(pipeline_control_from_argv(argv))
+    control = PipelineControl(pipeline_control_from_argv(argv),
+                              write_exit_files=not launch.is_worker())
     name = _command_name(argv)
 
     def fail(kind: str, message: str, status: str = "failure") -> None:
@@ -136,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             for line in (ignored_option_warnings(args, args.command)
                          + repeated_with_different_values(args)):
                 logger.warning("warning: %s", line)
-            args._module.main(args, control)
+            if launch.needed(args):
+                launch.launch(launch.wanted(args), argv)
+            else:
+                args._module.main(args, control)
         except SystemExit as err:  # --help (argparse prints it, then exits with 0)
             if err.code not in (0, None):
                 fail("failed", f"exit code {err.code}")
@@ -151,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         except JobAborted as err:
             fail("aborted", str(err), "aborted")
             return 2
+        except launch.WorkersFailed as err:
+            if control.abort_requested():
+                fail("aborted", "RELION_JOB_ABORT_NOW found: stopped", "aborted")
+                return 2
+            fail("failed", str(err))
+            return 1
         except (InputError, CheckpointError, CheckpointWriteError) as err:
             error = adapter_error(err)
             fail(error.label, str(error))

@@ -15,8 +15,8 @@ import pytest
 import starfile
 import torch
 
+from dynamight_core import backprojection_stage
 from relion_external.cli import main
-from relion_external.commands import deformable_backprojection as command
 from relion_external.commands.deformable_backprojection import backproject_half
 from relion_external.forward_run import load_forward_run
 
@@ -133,12 +133,12 @@ def test_halves_share_no_model(trained, monkeypatch):
             before[wrecked].abs().max())
     seen = []
 
-    class Counting(command.DeformedBackprojector):
+    class Counting(backprojection_stage.DeformedBackprojector):
         def add(self, images, *args, **kwargs):
             seen.append(images.shape[0])
             super().add(images, *args, **kwargs)
 
-    monkeypatch.setattr(command, "DeformedBackprojector", Counting)
+    monkeypatch.setattr(backprojection_stage, "DeformedBackprojector", Counting)
     backproject_half(run, 1, batch_size=40, grid_size=9)
     in_half = run.half_set == 1
     assert (run.validation.numpy() & in_half).any()

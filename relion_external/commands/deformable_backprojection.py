@@ -20,21 +20,22 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 
-from dynamight_core.deformed_backprojection import (
-    DeformedBackprojector,
-    choose_grid_size,
-    downsample_images,
-    downsample_map,
-)
+from dynamight_core.backprojection_stage import backproject_half as core_backproject_half
+from dynamight_core.deformed_backprojection import downsample_map
 from dynamight_core.device import choose_device
-from dynamight_core.displacement_field import displacement_grid_from_gaussians
+from dynamight_core.distributed import (
+    Group,
+    join_processes,
+    leave_processes,
+    local_rank_from_environment,
+)
 from dynamight_core.fsc import fsc
 
+from .. import launch
 from .._atomic import make_folder
 from ..errors import InputError
 from ..forward_run import ForwardRun, load_forward_run
@@ -44,8 +45,6 @@ from ..output_nodes import DYNAMIGHT_HALF_MAP, OutputNode, node_name, write_outp
 from ..particles_adapter import check_map_matches
 
 logger = logging.getLogger(__name__)
-
-LOG_EVERY_BATCHES = 10
 
 
 def add_args(p) -> None:
@@ -62,38 +61,24 @@ def add_args(p) -> None:
     p.add_argument("--downsample", type=int, default=1,
                    help="reconstruct at box / N (the box must be a multiple of N)")
     p.add_argument("--preload-images", action="store_true", help="read all images into RAM")
-    p.add_argument("--gpu-id", default=None, help="GPU to use (default: CPU)")
+    p.add_argument("--gpu-id", default=None,
+                   help="GPU(s) to use (default: CPU); a list such as 0,1 runs one process "
+                        "per GPU (see --n-processes)")
+    launch.add_args(p)
     p.add_argument("--n-threads", type=int, default=4, help="CPU threads for torch")
 
 
 def backproject_half(run: ForwardRun, half: int, *, batch_size: int, grid_size: int | None,
-                     downsample: int = 1, control=None) -> torch.Tensor:
-    """Deformed backprojection of every particle of ``half`` with that half's model only;
-    returns the map ``(n, n, n)`` on the CPU, ``n = box // downsample``."""
-    model = run.models[half]
-    box = run.particles.box_size // downsample
-    pixel_size = run.particles.pixel_size * downsample
-    positions = model.gaussians.positions.detach()
-    if grid_size is None:
-        grid_size = choose_grid_size(positions, box, pixel_size)
-    indices = run.members(half, include_validation=True)
-    logger.info("half %d: %d particles, box %d (%.3f Å/px), displacement grid %d³",
-                half, len(indices), box, pixel_size, grid_size)
-    backprojector = DeformedBackprojector(box, pixel_size, run.device)
-    t0 = time.time()
-    for n_batches, batch in enumerate(run.batches(indices, batch_size, control), start=1):
-        with torch.no_grad():
-            displacements = model.displacements(run.latents(half, batch))
-            field = displacement_grid_from_gaussians(positions, displacements, box, pixel_size,
-                                                     grid_size=grid_size)
-        backprojector.add(downsample_images(batch.images, downsample), batch.rotations,
-                          batch.shifts_angstrom, batch.ctf, field)
-        done = backprojector.n_particles
-        if n_batches % LOG_EVERY_BATCHES == 0 or done == len(indices):
-            elapsed = max(time.time() - t0, 1e-9)
-            logger.info("  half %d: %d/%d particles (%.1f particles/s, %.0f s left)", half, done,
-                        len(indices), done / elapsed, elapsed / done * (len(indices) - done))
-    return backprojector.reconstruct().cpu()
+                     downsample: int = 1, control=None, group: Group | None = None
+                     ) -> torch.Tensor:
+    """Deformed backprojection of every particle of ``half`` with that half's model only
+    (:func:`dynamight_core.backprojection_stage.backproject_half`); returns the map
+    ``(n, n, n)`` on the CPU, ``n = box // downsample``."""
+    return core_backproject_half(
+        run.models[half], lambda batch: run.latents(half, batch), run.particles,
+        run.members(half, include_validation=True), half=half, batch_size=batch_size,
+        device=run.device, grid_size=grid_size, downsample=downsample, group=group,
+        check_abort=None if control is None else control.check_abort)
 
 
 def _check_downsample(factor: int, box: int) -> None:
@@ -110,7 +95,8 @@ def main(args, control) -> None:
         raise InputError(out, "OUTPUT_DIR", "is not a directory",
                          "Give the output directory of `dynamight optimize-deformations` "
                          "(the folder holding forward_deformations/).")
-    device = choose_device(args.gpu_id)
+    device = choose_device(args.gpu_id, local_rank_from_environment())
+    layout = join_processes(device)
     run = load_forward_run(out, checkpoint_file=args.checkpoint_file, device=device,
                            preload_images=args.preload_images)
     particles = run.particles
@@ -122,16 +108,30 @@ def main(args, control) -> None:
         mask, mask_voxel = read_map(args.mask_file)
         check_map_matches(args.mask_file, mask_voxel, mask.shape[-1], particles)
         mask = downsample_map(mask, args.downsample).clamp(0.0, 1.0)
-    folder = make_folder(out / "backprojection")
-    logger.info("deformed backprojection on %s (checkpoint %s, epoch %d)", device,
-                run.checkpoint_path, run.epoch)
+    folder = make_folder(out / "backprojection") if layout.is_main else None
+    logger.info("deformed backprojection on %s (checkpoint %s, epoch %d)%s", device,
+                run.checkpoint_path, run.epoch,
+                f", {layout.world_size} processes" if layout.parallel else "")
     maps = {}
-    for half in (1, 2):
-        maps[half] = backproject_half(run, half, batch_size=args.batch_size,
-                                      grid_size=args.grid_size, downsample=args.downsample,
-                                      control=control)
-        write_map(folder / f"map_half{half}.mrc", maps[half], pixel_size)
-        logger.info("wrote %s", folder / f"map_half{half}.mrc")
+    for half in layout.halves:
+        maps[half] = core_backproject_half(
+            run.models[half], lambda batch, half=half: run.latents(half, batch), particles,
+            run.members(half, include_validation=True), half=half,
+            batch_size=args.batch_size, device=device, grid_size=args.grid_size,
+            downsample=args.downsample, group=layout.groups[half],
+            check_abort=control.check_abort)
+        if folder is not None:
+            write_map(folder / f"map_half{half}.mrc", maps[half], pixel_size)
+            logger.info("wrote %s", folder / f"map_half{half}.mrc")
+    gathered = layout.gather_halves({h: {"map": m} for h, m in maps.items()})
+    if gathered is None:
+        leave_processes(layout)
+        return
+    for half, entry in gathered.items():
+        if half not in maps:
+            maps[half] = entry["map"]
+            write_map(folder / f"map_half{half}.mrc", maps[half], pixel_size)
+            logger.info("wrote %s", folder / f"map_half{half}.mrc")
     curves = {"unmasked": fsc(maps[1], maps[2])}
     if mask is not None:
         curves["masked"] = fsc(maps[1] * mask, maps[2] * mask)
@@ -144,3 +144,4 @@ def main(args, control) -> None:
             for h in (1, 2)])
     print(f"Resolution: {min(res.values()):.2f} Å "
           f"({', '.join(f'{k} {v:.2f} Å' for k, v in res.items())})", flush=True)
+    leave_processes(layout)

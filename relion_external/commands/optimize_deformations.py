@@ -35,27 +35,24 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dynamight_core.checkpoint import (
-    FINAL_NAME,
-    epoch_checkpoint_name,
-    load_checkpoint,
-    load_latest_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from dynamight_core.deformation_model import deformation_error, make_batch, split_validation
+from dynamight_core.checkpoint import load_checkpoint, load_latest_checkpoint
+from dynamight_core.deformation_training import DeformationTraining, EpochReport, Schedule
 from dynamight_core.device import DECODER_PRECISIONS, choose_device, resolve_decoder_precision
-from dynamight_core.early_stopping import EarlyStopping
+from dynamight_core.distributed import (
+    join_processes,
+    leave_processes,
+    local_rank_from_environment,
+)
 from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_from_map
 from dynamight_core.gaussian_projection import render_gaussians_3d
-from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
+from dynamight_core.half_set_trainer import TrainerConfig
 
+from .. import launch
 from .._atomic import append_text, make_folder
 from ..errors import InputError
 from ..map_io import read_map, write_map
@@ -88,7 +85,10 @@ def add_args(p) -> None:
     p.add_argument("--n-warmup-epochs", type=int, default=0)
     p.add_argument("--regularization-factor", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--gpu-id", default=None, help="GPU to use (default: CPU)")
+    p.add_argument("--gpu-id", default=None,
+                   help="GPU(s) to use (default: CPU); a list such as 0,1 runs one process "
+                        "per GPU (see --n-processes)")
+    launch.add_args(p)
     p.add_argument("--n-epochs", type=int, default=50,
                    help="most epochs in total (including warm-up); training may stop earlier, "
                         "see --early-stopping-patience")
@@ -161,44 +161,35 @@ def _initial_gaussians(args, particles):
     return model, movable
 
 
-def _batches(particles, order, batch_size, device, control):
-    for start in range(0, len(order), batch_size):
-        control.check_abort()
-        yield make_batch(particles, order[start:start + batch_size], device)
+def _trainer_config(args, particles, gaussians, device) -> TrainerConfig:
+    return TrainerConfig(
+        box_size=particles.box_size, pixel_size=particles.pixel_size,
+        n_gaussians=gaussians.n_gaussians, n_classes=gaussians.n_classes,
+        latent_dim=args.n_latent_dimensions,
+        n_positional_encoding_dimensions=args.n_positional_encoding_dimensions,
+        n_linear_layers=args.n_linear_layers, n_neurons_per_layer=args.n_neurons_per_layer,
+        n_warmup_epochs=args.n_warmup_epochs,
+        regularization_factor=args.regularization_factor, beta=args.beta,
+        consensus_update_interval=args.consensus_update_interval,
+        learning_rate=args.learning_rate, seed=args.seed,
+        decoder_precision=resolve_decoder_precision(args.decoder_precision, device))
 
 
-def _new_run(args, particles, device, tracks=None):
-    validation = split_validation(particles.half_set, args.validation_fraction, args.seed,
-                                  groups=None if tracks is None else tracks[0])
-    gaussians, movable = _initial_gaussians(args, particles)
-    trainers = {}
-    for half in (1, 2):
-        config = TrainerConfig(
-            box_size=particles.box_size, pixel_size=particles.pixel_size,
-            n_gaussians=gaussians.n_gaussians, n_classes=gaussians.n_classes,
-            latent_dim=args.n_latent_dimensions,
-            n_positional_encoding_dimensions=args.n_positional_encoding_dimensions,
-            n_linear_layers=args.n_linear_layers, n_neurons_per_layer=args.n_neurons_per_layer,
-            n_warmup_epochs=args.n_warmup_epochs,
-            regularization_factor=args.regularization_factor, beta=args.beta,
-            consensus_update_interval=args.consensus_update_interval,
-            learning_rate=args.learning_rate, seed=args.seed,
-            decoder_precision=resolve_decoder_precision(args.decoder_precision, device))
-        members = particles.half_set.numpy() == half
-        train = np.flatnonzero(members & ~validation.numpy())
-        held = np.flatnonzero(members & validation.numpy())
-        trainer = HalfSetTrainer(half, config, gaussians, train, device, movable, held)
-        if tracks is not None:
-            trainer.set_tracks(*tracks)
-        trainer.initialise_noise(_batches(particles, train[:512], args.batch_size, device,
-                                          _NoAbort()))
-        trainers[half] = trainer
-    return trainers, validation, 0
+def _schedule(args) -> Schedule:
+    return Schedule(n_epochs=args.n_epochs, batch_size=args.batch_size,
+                    checkpoint_interval=args.checkpoint_interval,
+                    keep_checkpoints=args.keep_checkpoints,
+                    early_stopping_patience=args.early_stopping_patience,
+                    early_stopping_min_fraction=args.early_stopping_min_fraction,
+                    early_stopping_min_epochs=args.early_stopping_min_epochs)
 
 
-class _NoAbort:
-    def check_abort(self) -> None:
-        pass
+def _settings(args) -> dict:
+    """The command's settings as plain values (stored in every checkpoint)."""
+    config = {k: v for k, v in vars(args).items()
+              if isinstance(v, (int, float, str, bool)) or v is None}
+    config.pop("_module", None)
+    return config
 
 
 def _checkpoint_to_resume(args, folder: Path) -> tuple[Path, dict] | None:
@@ -214,19 +205,13 @@ def _checkpoint_to_resume(args, folder: Path) -> tuple[Path, dict] | None:
     return load_latest_checkpoint(folder)
 
 
-def _resume(path, state, particles, device):
+def _check_resumable(path, state, particles) -> None:
     if state["half_set"].shape[0] != len(particles):
         raise InputError(path, "checkpoint",
                          f"is for {state['half_set'].shape[0]} particles, the particles STAR "
                          f"file has {len(particles)}",
                          "Give the STAR file the checkpoint was trained on, or another "
                          "--output-directory to start afresh.")
-    trainers = {int(h): HalfSetTrainer.from_state_dict(s, device)
-                for h, s in state["halves"].items()}
-    torch.set_rng_state(state["global_rng"])  # unused by training; restored for completeness
-    logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
-    return (trainers, state["validation"].bool(), int(state["epoch"]), state["half_set"].long(),
-            state)
 
 
 # settings fixed by the checkpoint when continuing (the model and its training rule)
@@ -253,36 +238,46 @@ def _warn_about_changed_settings(args, saved: dict, path) -> None:
                        path, args.batch_size, int(saved["batch_size"]))
 
 
-def _checkpoint_state(args, trainers, validation, half_set, epoch, stopping: EarlyStopping,
-                      stopped_early: bool) -> dict:
-    config = {k: v for k, v in vars(args).items()
-              if isinstance(v, (int, float, str, bool)) or v is None}
-    config.pop("_module", None)
-    halves = {str(h): t.state_dict() for h, t in trainers.items()}
-    first, second = halves["1"]["initial_positions"], halves["2"]["initial_positions"]
-    if torch.equal(first, second):  # the common initial model: saved once
-        halves["2"]["initial_positions"] = first
-    return {"epoch": epoch, "config": config, "half_set": half_set.to(torch.int8),
-            "validation": validation.clone(), "global_rng": torch.get_rng_state(),
-            "early_stopping": stopping.state_dict(), "stopped_early": stopped_early,
-            "halves": halves}
-
-
-def _write_volumes(folder: Path, trainers, epoch: int, particles) -> None:
+def _write_volumes(folder: Path, gaussians: dict, epoch: int, particles) -> None:
     make_folder(folder)
-    for half, trainer in trainers.items():
-        g = trainer.model.gaussians
+    for half, g in gaussians.items():
         with torch.no_grad():
             vol = render_gaussians_3d(g.positions, torch.exp(g.log_sigmas), g.masses(),
                                       g.class_index, particles.box_size, particles.pixel_size)
         write_map(folder / f"volume_half{half}_{epoch:03d}.mrc", vol.cpu(), particles.pixel_size)
 
 
+def _log_epoch(fwd: Path, report: EpochReport) -> None:
+    stats = report.stats
+    mean = {k: 0.5 * (stats[1][k] + stats[2][k]) for k in ("data", "mse", "reg", "kl")}
+    lam = [stats[h]["regularization_weight"] for h in (1, 2)]
+    logger.info("epoch %d/%d (%s): data %.4g (mse %.4g) reg %.4g KL %.4g lambda %.3g/%.3g "
+                "held-out %.6g, %.0f particles/s, %.0f s left", report.epoch, report.n_epochs,
+                "warm-up" if report.warmup else "joint", mean["data"], mean["mse"],
+                mean["reg"], mean["kl"], lam[0], lam[1], report.residual,
+                report.particles_per_s, report.seconds_left)
+    append_text(fwd / "loss_log.txt", " ".join(
+        [f"epoch {report.epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
+                                     for k in ("data", "mse", "reg", "kl",
+                                               "regularization_weight")]
+        + [f"heldout_residual {report.residual:.8g}"]) + "\n")
+    if report.correlation_times is not None:
+        logger.info("  temporal prior: correlation time %.3g / %.3g (time units of %s)",
+                    report.correlation_times[1], report.correlation_times[2],
+                    "rlnDynaMightTime")
+    if report.stopped_early:
+        stopping = report.stopping
+        logger.info("early stopping after epoch %d: the held-out residual has not improved "
+                    "for %d epochs (best %.6g at epoch %d)", report.epoch,
+                    stopping.stale_epochs, stopping.best, stopping.best_epoch)
+
+
 def main(args, control) -> None:
     torch.set_num_threads(max(1, int(args.n_threads)))
     out = Path(args.output_directory)
     fwd = out / "forward_deformations"
-    device = choose_device(args.gpu_id)
+    device = choose_device(args.gpu_id, local_rank_from_environment())
+    layout = join_processes(device)
     particles, star = load_particle_set(args.refinement_star_file,
                                         project_dir=args.project_directory,
                                         random_split=args.random_half_sets, seed=args.seed,
@@ -295,114 +290,45 @@ def main(args, control) -> None:
         logger.info("temporal prior: %d tracks, %d tracked particles",
                     len(np.unique(tracks[0][tracks[0] >= 0])), int((tracks[0] >= 0).sum()))
     found = _checkpoint_to_resume(args, fwd / "checkpoints")
-    stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_fraction,
-                             args.early_stopping_min_epochs)
-    stopped_early = latents_final = False
+    training = DeformationTraining(
+        particles, device, _schedule(args), _settings(args), layout=layout,
+        checkpoint_folder=fwd / "checkpoints" if layout.is_main else None,
+        check_abort=control.check_abort)
     if found is not None:
-        resume_from = found[0]
-        trainers, validation, epoch, half_set, saved = _resume(*found, particles, device)
-        particles = particles.with_half_set(half_set)
-        _warn_about_changed_settings(args, saved["config"], resume_from)
-        if "early_stopping" in saved:
-            stopping.load_state_dict({k: v for k, v in saved["early_stopping"].items()
-                                      if k not in ("patience", "min_fraction", "min_epochs")})
-        stopped_early = bool(saved.get("stopped_early", False)) and args.early_stopping_patience > 0
-        # codes finalised for exactly this model (a finished run rerun): keep them
-        latents_final = all(t.final_latents is not None for t in trainers.values()) and (
-            stopped_early or epoch >= args.n_epochs)
-        if stopped_early:
-            logger.info("training stopped early at epoch %d (held-out residual best at epoch "
-                        "%d); not training further (--early-stopping-patience 0 continues to "
-                        "--n-epochs)", epoch, stopping.best_epoch)
+        path, state = found
+        _check_resumable(path, state, particles)
+        _warn_about_changed_settings(args, state["config"], path)
+        logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
+        training.resume(state)
     else:
-        trainers, validation, epoch = _new_run(args, particles, device, tracks)
-    make_folder(fwd / "checkpoints")
-    n_train = sum(t.train_indices.shape[0] for t in trainers.values())
+        gaussians, movable = _initial_gaussians(args, particles)
+        training.start(gaussians, _trainer_config(args, particles, gaussians, device),
+                       movable=movable, validation_fraction=args.validation_fraction,
+                       seed=args.seed, tracks=tracks)
+    particles = training.particles
+    if layout.is_main:
+        make_folder(fwd / "checkpoints")
+    validation = training.validation.numpy()
+    n_train = [int(((particles.half_set.numpy() == h) & ~validation).sum()) for h in (1, 2)]
+    some = next(iter(training.trainers.values()))
     logger.info("training on %s (decoder in %s): %d + %d particles, %d held out for validation, "
-                "epochs %d..%d", device, trainers[1].config.decoder_precision,
-                trainers[1].train_indices.shape[0], trainers[2].train_indices.shape[0],
-                int(validation.sum()), epoch + 1, args.n_epochs)
-    t_start = time.time()
-    first_epoch = epoch
-    held_out = {h: np.flatnonzero(validation.numpy() & (particles.half_set.numpy() == h))
-                for h in trainers}
-    while epoch < args.n_epochs and not stopped_early:
-        t0 = time.time()
-        stats = {h: t.train_epoch(_batches(particles, t.epoch_order(), args.batch_size, device,
-                                           control))
-                 for h, t in trainers.items()}
-        epoch += 1
-        residual = float("nan")
-        if not stats[1]["warmup"]:
-            residual = sum(t.evaluate(_batches(particles, held_out[h], args.batch_size, device,
-                                               control)) for h, t in trainers.items())
-            stopped_early = stopping.update(epoch, residual)
-        rate = n_train / max(time.time() - t0, 1e-9)
-        left = (time.time() - t_start) / (epoch - first_epoch) * (args.n_epochs - epoch)
-        mean = {k: 0.5 * (stats[1][k] + stats[2][k]) for k in ("data", "mse", "reg", "kl")}
-        lam = [stats[h]["regularization_weight"] for h in (1, 2)]
-        phase = "warm-up" if stats[1]["warmup"] else "joint"
-        logger.info("epoch %d/%d (%s): data %.4g (mse %.4g) reg %.4g KL %.4g lambda %.3g/%.3g "
-                    "held-out %.6g, %.0f particles/s, %.0f s left", epoch, args.n_epochs,
-                    phase, mean["data"], mean["mse"], mean["reg"], mean["kl"], lam[0], lam[1],
-                    residual, rate, left)
-        append_text(fwd / "loss_log.txt", " ".join(
-            [f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
-                                  for k in ("data", "mse", "reg", "kl", "regularization_weight")]
-            + [f"heldout_residual {residual:.8g}"]) + "\n")
-        if trainers[1].temporal is not None:
-            logger.info("  temporal prior: correlation time %.3g / %.3g (time units of %s)",
-                        trainers[1].temporal.correlation_time,
-                        trainers[2].temporal.correlation_time, "rlnDynaMightTime")
-        if stopped_early:
-            logger.info("early stopping after epoch %d: the held-out residual has not improved "
-                        "for %d epochs (best %.6g at epoch %d)", epoch, stopping.stale_epochs,
-                        stopping.best, stopping.best_epoch)
-        if (epoch % max(1, args.checkpoint_interval) == 0 or epoch == args.n_epochs
-                or stopped_early):
-            save_checkpoint(fwd / "checkpoints" / epoch_checkpoint_name(epoch),
-                            _checkpoint_state(args, trainers, validation, particles.half_set,
-                                              epoch, stopping, stopped_early))
-            prune_checkpoints(fwd / "checkpoints", args.keep_checkpoints)
-            _write_volumes(fwd / "volumes", trainers, epoch, particles)
-    if not latents_final:
-        _finalise_latents(args, particles, trainers, device, control)
-    save_checkpoint(fwd / "checkpoints" / FINAL_NAME,
-                    _checkpoint_state(args, trainers, validation, particles.half_set, epoch,
-                                      stopping, stopped_early))
-    _log_consensus_agreement(trainers)
-    _write_particles(out, args, particles, star, trainers, validation, device, control,
-                     tracks)
-    if getattr(args, "pipeline_control", None):  # RELION: particles.star becomes an input
-        write_output_nodes(args.pipeline_control,
-                           [OutputNode(node_name(out, "particles.star"), PARTICLES)])
+                "epochs %d..%d%s", device, some.config.decoder_precision, n_train[0], n_train[1],
+                int(validation.sum()), training.epoch + 1, args.n_epochs,
+                f" ({layout.world_size} processes)" if layout.parallel else "")
+    training.run(on_epoch=lambda report: _log_epoch(fwd, report),
+                 on_checkpoint=lambda epoch, gaussians: _write_volumes(
+                     fwd / "volumes", gaussians, epoch, particles))
+    trainers = training.finish()
+    if trainers is not None:
+        _write_particles(out, training, star, trainers, tracks)
+        if getattr(args, "pipeline_control", None):  # RELION: particles.star becomes an input
+            write_output_nodes(args.pipeline_control,
+                               [OutputNode(node_name(out, "particles.star"), PARTICLES)])
+    leave_processes(layout)
 
 
-def _finalise_latents(args, particles, trainers, device, control) -> None:
-    """Every particle's code under the final model of its half (two damped Gauss-Newton steps
-    from its stored code), stored in the trainers: what particles.star, the checkpoint and the
-    later stages use."""
-    t0 = time.time()
-    half_set = particles.half_set.numpy()
-    for half, trainer in trainers.items():
-        members = np.flatnonzero(half_set == half)
-        trainer.finalise_latents(_batches(particles, members, args.batch_size, device, control))
-    logger.info("latent codes of all %d particles under the final models (%.0f s)",
-                len(particles), time.time() - t0)
-
-
-def _log_consensus_agreement(trainers) -> None:
-    """How far apart the two halves' consensus models are (they start identical and are kept
-    in the same conformation by the anchored consensus update)."""
-    with torch.no_grad():
-        p1, p2 = (trainers[h].model.gaussians.positions.detach().cpu() for h in (1, 2))
-        gap = (p1 - p2).norm(dim=-1)
-    logger.info("consensus models of the two halves differ by %.3f Å on average "
-                "(95th percentile %.3f Å)", float(gap.mean()), float(gap.quantile(0.95)))
-
-
-def _write_particles(out, args, particles, star, trainers, validation, device, control,
-                     tracks=None) -> None:
+def _write_particles(out, training: DeformationTraining, star, trainers, tracks=None) -> None:
+    particles, validation = training.particles, training.validation
     n = len(particles)
     d = trainers[1].config.latent_dim
     latents = np.zeros((n, d))
@@ -411,12 +337,7 @@ def _write_particles(out, args, particles, star, trainers, validation, device, c
         members = np.flatnonzero(half_set == half)
         latents[members] = trainer.stored_latents(members).cpu().numpy()
     error = np.full(n, -1.0)
-    held = np.flatnonzero(validation.numpy())
-    per_particle, idx, per_gaussian = deformation_error(
-        trainers[1].model, trainers[2].model,
-        trainers[1].latents_for,
-        trainers[2].latents_for,
-        _batches(particles, held, args.batch_size, device, control))
+    per_particle, idx, per_gaussian = training.validation_error(trainers)
     error[idx] = np.where(np.isfinite(per_particle), per_particle, -1.0)
     if per_particle.size:
         logger.info("validation (%d particles): deformation error |d1 - d2| mean %.3f Å, "

@@ -44,7 +44,6 @@ Example (RELION-5's call form):
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -62,14 +61,20 @@ from dynamight_core.checkpoint_folder import (
 )
 from dynamight_core.deformed_backprojection import choose_grid_size
 from dynamight_core.device import choose_device
-from dynamight_core.fixed_point_inverse import FixedPointInverse
 from dynamight_core.inverse_checkpoint import (
     METHODS,
     load_inverse_checkpoint,
     save_inverse_checkpoint,
 )
-from dynamight_core.inverse_network import InverseDeformationTrainer, InverseTrainerConfig
-from dynamight_core.inversion_error import ErrorSummary, inversion_errors
+from dynamight_core.inverse_network import InverseTrainerConfig
+from dynamight_core.inverse_stage import (
+    HalfCodes,
+    InverseEpochReport,
+    InverseTraining,
+    decoded,
+    held_out_errors,
+    inverse_state,
+)
 
 from .._atomic import append_text, atomic_output, make_folder
 from ..errors import InputError
@@ -122,39 +127,15 @@ def add_args(p) -> None:
                    help="RELION job folder: exit-status files and abort requests")
 
 
-# -- latent codes -----------------------------------------------------------------------------
-class _Latents:
-    """Mean latent codes of one half's training and validation particles (computed once);
-    rows of ``mu``: the training particles (as ``train``), then the validation ones."""
-
-    def __init__(self, run: ForwardRun, half: int, batch_size: int, control) -> None:
-        self.train = run.members(half, include_validation=False)
-        everyone = run.members(half, include_validation=True)
-        self.validation = np.setdiff1d(everyone, self.train)
-        self.indices = np.concatenate([self.train, self.validation])
-        parts = [run.latents(half, batch) for batch in run.batches(self.indices, batch_size,
-                                                                   control)]
-        d = run.models[half].decoder.latent_dim
-        self.mu = torch.cat(parts) if parts else torch.zeros(0, d, device=run.device)
-        self._order = np.argsort(self.indices)
-
-    def of(self, indices: np.ndarray) -> torch.Tensor:  # (b, d)
-        rows = self._order[np.searchsorted(self.indices, indices, sorter=self._order)]
-        return self.mu[torch.from_numpy(rows).to(self.mu.device)]
-
-
-def _decoded(run: ForwardRun, half: int, latents: _Latents, indices: np.ndarray,
-             batch_size: int, control):
-    """Batches ``(consensus (n_g, 3), displacements (b, n_g, 3), z (b, d), indices)``."""
-    model = run.models[half]
-    consensus = model.gaussians.positions.detach()
-    for start in range(0, indices.shape[0], batch_size):
-        control.check_abort()
-        idx = indices[start:start + batch_size]
-        z = latents.of(idx)
-        with torch.no_grad():
-            d = model.displacements(z)
-        yield consensus, d, z, idx  # outside no_grad: the consumer may train
+# -- latent codes ---------------------------------------------------------------------------
+def _codes(run: ForwardRun, half: int, batch_size: int, control) -> HalfCodes:
+    """Mean latent codes of one half's training and validation particles (computed once)."""
+    train = run.members(half, include_validation=False)
+    validation = np.setdiff1d(run.members(half, include_validation=True), train)
+    return HalfCodes(train, validation,
+                     lambda indices: (run.latents(half, batch)
+                                      for batch in run.batches(indices, batch_size, control)),
+                     run.models[half].decoder.latent_dim, run.device)
 
 
 # -- checkpoint -------------------------------------------------------------------------------
@@ -231,138 +212,64 @@ def _has_networks(state: dict | None) -> bool:
     return bool(halves) and all("network" in h for h in halves.values())
 
 
-def _trainers(args, run: ForwardRun, latents: dict, state: dict | None) -> tuple[dict, int]:
+def _training(args, run: ForwardRun, codes: dict, state: dict | None) -> InverseTraining:
     if _has_networks(state):
         assert state is not None
-        trainers = {int(h): InverseDeformationTrainer.from_state_dict(s, run.device)
-                    for h, s in state["halves"].items()}
-        for half, trainer in trainers.items():
-            if not np.array_equal(trainer.train_indices, latents[half].train):
-                raise InputError(args.output_directory, f"{INVERSE_DIR}/{CHECKPOINT_NAME}",
-                                 f"half {half} was trained on other particles",
-                                 "Delete it to train the inverse deformations afresh.")
-        epoch = int(state["epoch"])
+        try:
+            training = InverseTraining.from_state(run.models, codes, state, run.device)
+        except ValueError as err:
+            raise InputError(args.output_directory, f"{INVERSE_DIR}/{CHECKPOINT_NAME}",
+                             str(err),
+                             "Delete it to train the inverse deformations afresh.") from err
         logger.info("continuing the inverse networks from %s (epoch %d)",
-                    run.output_directory / INVERSE_DIR / CHECKPOINT_NAME, epoch)
-        return trainers, epoch
+                    run.output_directory / INVERSE_DIR / CHECKPOINT_NAME, training.epoch)
+        return training
     if state is not None:
         logger.info("%s holds no networks (method %s): training starts at epoch 0",
                     CHECKPOINT_NAME, state.get("method"))
-    config = _trainer_config(args, run)
-    return {h: InverseDeformationTrainer(h, config, latents[h].train, run.device)
-            for h in (1, 2)}, 0
+    return InverseTraining.new(run.models, codes, _trainer_config(args, run), run.device)
 
 
 def _save(path: Path, args, run, grid_size, epoch, trainers, held_out) -> None:
-    save_inverse_checkpoint(path, {
-        "method": args.method, "epoch": int(epoch), "config": _settings(args, run, grid_size),
-        "halves": {str(h): (trainers[h].state_dict() if trainers else
-                            {"half": h, "method": args.method, "grid_size": int(grid_size),
-                             "n_iterations": int(args.n_iterations)})
-                   for h in (1, 2)},
-        "held_out": held_out})
+    save_inverse_checkpoint(path, inverse_state(
+        args.method, epoch, _settings(args, run, grid_size), trainers, grid_size,
+        args.n_iterations, held_out))
 
 
 # -- training ---------------------------------------------------------------------------------
-def _displace(model):
-    """``(gaussians (k,), z (b, d)) -> (b, k, 3)`` Å: the forward decoder on chosen Gaussians
-    only (a mask-free copy of it, the movable mask applied to its output, which is what the
-    decoder does with a mask)."""
-    consensus = model.gaussians.positions.detach()
-    mask = model.decoder.movable_mask
-    free = copy.deepcopy(model.decoder)
-    free.set_movable_mask(None)
-
-    def displace(gaussians: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        d = free(consensus[gaussians], z)
-        return d if mask is None else d * mask[gaussians][None, :, None].to(d.dtype)
-    return displace
-
-
-def _train(args, run, latents, trainers, epoch, path, grid_size, control) -> int:
-    n_train = sum(t.train_indices.shape[0] for t in trainers.values())
-    if epoch >= args.n_epochs:
+def _train(args, run, training: InverseTraining, path, grid_size, control) -> int:
+    trainers = training.trainers
+    if training.epoch >= args.n_epochs:
         logger.info("the inverse networks already have %d epochs (--n-epochs %d): no training",
-                    epoch, args.n_epochs)
-        return epoch
+                    training.epoch, args.n_epochs)
+        return training.epoch
     logger.info("training the inverse networks on %s: %d + %d particles, epochs %d..%d",
                 run.device, trainers[1].train_indices.shape[0],
-                trainers[2].train_indices.shape[0], epoch + 1, args.n_epochs)
-    displace = {h: _displace(run.models[h]) for h in trainers}
-    t_start, first = time.time(), epoch
+                trainers[2].train_indices.shape[0], training.epoch + 1, args.n_epochs)
     log = path.parent / "loss_log.txt"
-    while epoch < args.n_epochs:
-        t0 = time.time()
-        stats = {}
-        for half, trainer in trainers.items():
-            n = latents[half].train.shape[0]
-            stats[half] = trainer.train_epoch(
-                latents[half].mu[:n], run.models[half].gaussians.positions.detach(),
-                displace[half], args.batch_size, check_abort=control.check_abort)
-        epoch += 1
-        rate = n_train / max(time.time() - t0, 1e-9)
-        left = (time.time() - t_start) / (epoch - first) * (args.n_epochs - epoch)
+
+    def on_epoch(report: InverseEpochReport) -> None:
+        stats = report.stats
         logger.info("inverse epoch %d/%d: half 1 loss %.4g Å² (rms %.3f Å, smooth %.3g), "
                     "half 2 loss %.4g Å² (rms %.3f Å, smooth %.3g), %.0f particles/s, "
-                    "%.0f s left", epoch, args.n_epochs, stats[1]["data"], stats[1]["rms"],
-                    stats[1]["smooth"], stats[2]["data"], stats[2]["rms"], stats[2]["smooth"],
-                    rate, left)
-        append_text(log, " ".join([f"epoch {epoch}"] + [f"half{h}_{k} {stats[h][k]:.8g}"
-                                                        for h in (1, 2)
-                                                        for k in ("data", "smooth")]) + "\n")
-        _save(path.parent / EPOCH_CHECKPOINTS / epoch_checkpoint_name(epoch), args, run,
-              grid_size, epoch, trainers, {})
+                    "%.0f s left", report.epoch, report.n_epochs, stats[1]["data"],
+                    stats[1]["rms"], stats[1]["smooth"], stats[2]["data"], stats[2]["rms"],
+                    stats[2]["smooth"], report.particles_per_s, report.seconds_left)
+        append_text(log, " ".join([f"epoch {report.epoch}"]
+                                  + [f"half{h}_{k} {stats[h][k]:.8g}" for h in (1, 2)
+                                     for k in ("data", "smooth")]) + "\n")
+        _save(path.parent / EPOCH_CHECKPOINTS / epoch_checkpoint_name(report.epoch), args, run,
+              grid_size, report.epoch, trainers, {})
         prune(path.parent / EPOCH_CHECKPOINTS, args.keep_checkpoints)
-    return epoch
 
-
-# -- evaluation -------------------------------------------------------------------------------
-def _held_out(args, run, latents, trainers, grid_size, control) -> dict:
-    """Held-out inversion error of each half for each available method (Å), and its speed."""
-    result: dict = {}
-    for half in (1, 2):
-        moved = ErrorSummary()
-        for _, d, _, _ in _decoded(run, half, latents[half], latents[half].validation,
-                                   args.batch_size, control):
-            moved.add(d.norm(dim=-1))
-        result[str(half)] = {"displacement": moved.as_dict()}
-        if moved.n:
-            logger.info("half %d: the validation particles' Gaussians move by %.3f Å on average "
-                        "(95th percentile %.3f Å)", half, moved.mean, moved.percentile(95.0))
-        methods = {"fixed-point": None}
-        if trainers:
-            methods = {"network": trainers[half], **methods}
-        for method, trainer in methods.items():
-            summary, t0, n = ErrorSummary(), time.time(), 0
-            for c, d, z, _ in _decoded(run, half, latents[half], latents[half].validation,
-                                       args.batch_size, control):
-                if trainer is not None:
-                    def inverse(y, trainer=trainer, z=z):
-                        return trainer.invert(y, z)
-                else:
-                    inverse = FixedPointInverse(c, d, run.models[half].box_size,
-                                                run.models[half].pixel_size,
-                                                grid_size=grid_size,
-                                                n_iterations=args.n_iterations)
-                summary.add(inversion_errors(inverse, c, d))
-                n += int(z.shape[0])
-            entry = summary.as_dict()
-            entry["particles_per_s"] = n / max(time.time() - t0, 1e-9)
-            result[str(half)][method] = entry
-            if n:
-                logger.info("held-out inversion error, half %d, %s (%d particles): mean %.3f Å, "
-                            "95th percentile %.3f Å, max %.3f Å (%.0f particles/s)", half,
-                            method, n, entry["mean"], entry["p95"], entry["max"],
-                            entry["particles_per_s"])
-            else:
-                logger.info("half %d has no validation particles: no held-out error", half)
-    return result
+    return training.run(args.n_epochs, args.batch_size, on_epoch=on_epoch,
+                        check_abort=control.check_abort)
 
 
 # -- saved deformations -----------------------------------------------------------------------
-def _save_deformations(args, run, latents, folder: Path, control) -> None:
+def _save_deformations(args, run, codes, folder: Path, control) -> None:
     for half in (1, 2):
-        lat = latents[half]
+        lat = codes[half]
         model = run.models[half]
         n, n_g = lat.indices.shape[0], model.gaussians.n_gaussians
         order = np.sort(lat.indices)
@@ -371,7 +278,8 @@ def _save_deformations(args, run, latents, folder: Path, control) -> None:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                               shape=(n, n_g, 3))
             row = 0
-            for _, d, _, idx in _decoded(run, half, lat, order, args.batch_size, control):
+            for _, d, _, idx in decoded(model, lat, order, args.batch_size,
+                                        control.check_abort):
                 array[row:row + len(idx)] = d.cpu().numpy().astype(np.float16)
                 row += len(idx)
             array.flush()
@@ -405,21 +313,25 @@ def main(args, control) -> None:
                                                    run.models[1].pixel_size)
     logger.info("method %s; fixed-point grid %d^3 nodes", args.method, grid_size)
     t0 = time.time()
-    latents = {h: _Latents(run, h, args.batch_size, control) for h in (1, 2)}
+    codes = {h: _codes(run, h, args.batch_size, control) for h in (1, 2)}
     logger.info("latent codes of %d particles in %.1f s",
-                sum(lat.indices.shape[0] for lat in latents.values()), time.time() - t0)
+                sum(c.indices.shape[0] for c in codes.values()), time.time() - t0)
     state = _previous_state(folder, run)
     trainers: dict = {}
     epoch = 0
     if args.method == "network":
-        trainers, epoch = _trainers(args, run, latents, state)
-        epoch = _train(args, run, latents, trainers, epoch, path, grid_size, control)
+        training = _training(args, run, codes, state)
+        trainers = training.trainers
+        epoch = _train(args, run, training, path, grid_size, control)
     else:
         logger.info("fixed-point: nothing to train (--n-epochs %d not used)", args.n_epochs)
         if _has_networks(state):  # keep (and measure) networks trained by an earlier run
-            trainers, epoch = _trainers(args, run, latents, state)
-    held_out = _held_out(args, run, latents, trainers, grid_size, control)
+            training = _training(args, run, codes, state)
+            trainers, epoch = training.trainers, training.epoch
+    held_out = held_out_errors(run.models, codes, trainers, grid_size=grid_size,
+                               n_iterations=args.n_iterations, batch_size=args.batch_size,
+                               check_abort=control.check_abort)
     _save(path, args, run, grid_size, epoch, trainers, held_out)
     logger.info("wrote %s", path)
     if args.save_deformations:
-        _save_deformations(args, run, latents, folder, control)
+        _save_deformations(args, run, codes, folder, control)
