@@ -5,6 +5,7 @@ resume on another number of processes, abort. Every run is compared with one pro
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,42 +125,68 @@ def test_resume_on_other_numbers_of_processes(data, one_process, tmp_path):
     np.testing.assert_allclose(ours[2:, [0, 4]], losses(one_process)[2:, [0, 4]], rtol=2e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MULTINODE_TEMPLATE = REPO / "job_templates" / "slurm_dynamight_multinode.sh"
 
 
-def test_two_nodes_of_two_processes_train_as_four_on_one_node(data, tmp_path):
-    """The multi-node route of the SLURM template (one command per node, torchrun's static
-    rendezvous at node 0), with two 'nodes' on this machine: the same world of 4 as
-    --n-processes 4 on one node, so the same training bit for bit."""
+def _free_job_id() -> int:
+    """A SLURM job id whose rendezvous port (20000 + id % 10000, as the template) is free."""
+    for job_id in range(7000, 10000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id))
+            except OSError:
+                continue
+            return job_id
+    raise RuntimeError("no free port")
+
+
+def test_slurm_template_two_nodes_train_as_four_processes_on_one(data, tmp_path):
+    """The multi-node SLURM template as RELION fills it in, run with stand-ins for srun (the
+    command once per 'node', SLURM_NODEID 0 and 1) and scontrol on this machine: 2 nodes of 2
+    processes form the same world as --n-processes 4 on one node, so the same training bit
+    for bit; node 0 alone writes the one exit file."""
     single = tmp_path / "single"
     train(data, single, 4, 2)
-    out = tmp_path / "nodes"
-    job = tmp_path / "relion_job"
-    job.mkdir()
-    master = f"127.0.0.1:{_free_port()}"
+    out, job = tmp_path / "nodes", tmp_path / "DynaMight" / "job012"
+    job.mkdir(parents=True)
     command = [sys.executable, "-m", "relion_external.cli", "optimize-deformations",
                "--refinement-star-file", str(data / "particles.star"),
                "--initial-model", str(data / "consensus_map.mrc"), "--output-directory",
                str(out), "--n-gaussians", "300", "--n-epochs", "2", "--batch-size", "50",
                "--n-threads", "1", "--early-stopping-patience", "0", "--checkpoint-interval",
                "2", "--decoder-precision", "float32", "--n-processes", "2",
-               "--pipeline-control", str(job)]
-    nodes = []
-    for node in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMIGHT_NNODES": "2",
-               "DYNAMIGHT_NODE_RANK": str(node), "DYNAMIGHT_MASTER": master,
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert "4 processes (torchrun, 2 nodes of 2)" in outputs[0][0]
+               "--pipeline-control", f"{job}/"]
+    filled = {"name": f"{job}/", "queue": "gpu", "extra1": "1:00:00", "extra2": "8G",
+              "extra3": "2", "extra4": "2", "threads": "1", "outfile": str(job / "run.out"),
+              "errfile": str(job / "run.err"), "command": " ".join(command)}
+    script = MULTINODE_TEMPLATE.read_text()
+    for word, value in filled.items():
+        script = script.replace(f"XXX{word}XXX", value)
+    assert not re.search(r"XXX[a-z0-9]+XXX", script)
+    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gres=gpu:2\n" in script
+    (job / "run_submit.script").write_text(script)
+    bin_dir = tmp_path / "fake_slurm"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("""#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+for node in 0 1; do SLURM_NODEID=$node "$@" & done
+status=0
+for p in $(jobs -p); do wait $p || status=$?; done
+exit $status
+""")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": str(_free_job_id()), "SLURM_JOB_NODELIST": "node[1-2]",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", str(job / "run_submit.script")], env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "4 processes (torchrun, 2 nodes of 2)" in done.stdout
     np.testing.assert_array_equal(losses(out), losses(single))
     np.testing.assert_array_equal(latents(out), latents(single))
-    # node 0 alone writes the one exit file
     assert sorted(p.name for p in job.iterdir() if p.name.startswith("RELION_JOB_EXIT")) == [
         "RELION_JOB_EXIT_SUCCESS"]
 
