@@ -30,6 +30,7 @@ model.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -249,9 +250,17 @@ def negative_log_likelihood(
     box = model_rfft.shape[-2]
     inside = weights > 0
     diff = model_rfft - image_rfft
-    pixel_factor = rfft_multiplicity(box).to(device=weights.device, dtype=weights.dtype) * inside
-    mse = ((diff.real**2 + diff.imag**2) * weights * pixel_factor).sum((-2, -1)) / pixel_factor.sum()
-    return 0.5 * float(pixel_factor.sum()) * norm * mse, mse
+    pixel_factor = _multiplicity(box, weights.device, weights.dtype) * inside
+    n_pixels = pixel_factor.sum()
+    mse = ((diff.real**2 + diff.imag**2) * weights * pixel_factor).sum((-2, -1)) / n_pixels
+    # the scale stays on the device (no host synchronisation), in float64 as a Python number
+    # would be, so the result is the same to the last bit
+    return n_pixels.double() * 0.5 * norm * mse, mse
+
+
+@functools.lru_cache(maxsize=16)
+def _multiplicity(box: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return rfft_multiplicity(box).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

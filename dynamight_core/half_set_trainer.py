@@ -358,7 +358,10 @@ class HalfSetTrainer:
         self._edges, self._rest_lengths = build_neighbour_graph(consensus)
         self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance)
         self.noise.reset()
-        sums = {"data": 0.0, "mse": 0.0, "kl": 0.0, "reg": 0.0}
+        # per-epoch sums stay on the device (no host synchronisation per batch): data, mse,
+        # kl, reg; each batch's float32 sum is added in float64
+        keys = ("data", "mse", "kl", "reg")
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         n_seen, mus, first = 0, [], True
         parallel = self.group.parallel
         reduce = self.group.all_reduce if parallel else None
@@ -379,12 +382,12 @@ class HalfSetTrainer:
                             data, reg_mean, self.model.decoder.parameters(),
                             c.regularization_factor, reduce=reduce)
                     loss = loss + self.regularization_weight * reg_mean
-                    sums["kl"] += float(posterior_kl(mean, precision, prior).sum())
-                    sums["reg"] += float(reg.detach().sum())
+                    sums[2] += posterior_kl(mean, precision, prior).sum().double()
+                    sums[3] += reg.detach().sum().double()
                     mus.append(mean)
                 loss.backward()
-                sums["data"] += float(nll.detach().sum())
-                sums["mse"] += float(mse.detach().sum())
+                sums[0] += nll.detach().sum().double()
+                sums[1] += mse.detach().sum().double()
                 n_seen += len(batch)
             elif not parallel:
                 continue
@@ -394,6 +397,7 @@ class HalfSetTrainer:
             with torch.no_grad():
                 g = self.model.gaussians
                 g.log_sigmas.clamp_(min=math.log(0.5 * c.pixel_size))
+        sums = dict(zip(keys, sums.tolist(), strict=True))  # the epoch's one read-back
         if parallel:
             totals = self.group.all_reduce_numbers([*sums.values(), float(n_seen)])
             sums = dict(zip(sums, totals[:-1], strict=True))
