@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import score
 
+from dynamight_core import deformation_training as training
 from dynamight_core.fsc import filter_shells, fsc
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from relion_external.cli import main as dynamight
@@ -76,7 +77,7 @@ def _fit_each_half_to_its_own_map(root: Path) -> None:
     weight = fsc(halves[1], halves[2]).clamp(0.0, 1.0)
     weight[0] = 1.0
     targets = {h: filter_shells(halves[h], weight) for h in (1, 2)}
-    real_fit, real_trainer, unfitted = od.fit_gaussians_to_map, od.HalfSetTrainer, {}
+    real_fit, real_trainer, unfitted = od.fit_gaussians_to_map, training.HalfSetTrainer, {}
 
     def remember_then_fit(model, volume, voxel, n_steps, render):
         unfitted.update(model=copy.deepcopy(model), voxel=voxel, n_steps=n_steps,
@@ -96,7 +97,7 @@ def _fit_each_half_to_its_own_map(root: Path) -> None:
         return real_trainer(half, config, own, *rest, **kw)
 
     od.fit_gaussians_to_map = remember_then_fit
-    od.HalfSetTrainer = trainer_with_own_model
+    training.HalfSetTrainer = trainer_with_own_model
 
 
 def main(argv=None) -> None:

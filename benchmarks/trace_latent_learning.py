@@ -2,7 +2,8 @@
 on a simulated dataset with ground truth (``dynamight simulate``).
 
 The trainer is built exactly as ``dynamight optimize-deformations`` builds it (its argument
-parser and its ``_new_run``, so the defaults are the command's; any option of the command can
+parser and :class:`dynamight_core.deformation_training.DeformationTraining`, so the defaults
+are the command's; any option of the command can
 be given after ``--``). After every epoch the script prints, for half set 1 (and 2 with
 ``--both-halves``): the data term, KL, λ, the held-out residual the early stopping watches, the
 spread of the latent codes, and the cross-validated kNN R² (k = 20) of the true motion
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 
 from dynamight_core.deformation_model import make_batch
+from dynamight_core.deformation_training import DeformationTraining
 from dynamight_core.quality_scores import knn_r2
 from relion_external.commands import optimize_deformations
 from relion_external.particles_adapter import load_particle_set
@@ -64,7 +66,13 @@ def main(argv=None) -> None:
     truth = starfile.read(args.dataset / "ground_truth" / "motion.star")
     truth = truth["particles"] if isinstance(truth, dict) else truth
     motion = truth["dmMotion"].to_numpy()
-    trainers, validation, _ = optimize_deformations._new_run(opts, particles, device)
+    training = DeformationTraining(particles, device, optimize_deformations._schedule(opts),
+                                   optimize_deformations._settings(opts))
+    gaussians, movable = optimize_deformations._initial_gaussians(opts, particles)
+    training.start(gaussians, optimize_deformations._trainer_config(opts, particles, gaussians,
+                                                                     device),
+                   movable=movable, validation_fraction=opts.validation_fraction, seed=opts.seed)
+    trainers, validation = training.trainers, training.validation
     halves = (1, 2) if args.both_halves else (1,)
 
     held = {h: np.flatnonzero(validation.numpy() & (particles.half_set.numpy() == h))

@@ -114,12 +114,9 @@ def main(args, control) -> None:
                 f", {layout.world_size} processes" if layout.parallel else "")
     maps = {}
     for half in layout.halves:
-        maps[half] = core_backproject_half(
-            run.models[half], lambda batch, half=half: run.latents(half, batch), particles,
-            run.members(half, include_validation=True), half=half,
-            batch_size=args.batch_size, device=device, grid_size=args.grid_size,
-            downsample=args.downsample, group=layout.groups[half],
-            check_abort=control.check_abort)
+        maps[half] = backproject_half(run, half, batch_size=args.batch_size,
+                                      grid_size=args.grid_size, downsample=args.downsample,
+                                      control=control, group=layout.groups[half])
         if folder is not None:
             write_map(folder / f"map_half{half}.mrc", maps[half], pixel_size)
             logger.info("wrote %s", folder / f"map_half{half}.mrc")
