@@ -253,3 +253,14 @@ def test_group_shares_cover_a_batch_once():
     assert single.halves == (1, 2) and single.is_main and not single.parallel
     assert single.is_leader(1) and single.is_leader(2)
     assert single.gather_halves({1: {"x": torch.ones(1)}})[1]["x"].item() == 1.0
+
+
+def test_temporal_prior_with_shared_batches_is_refused_in_one_line(data, tmp_path):
+    done = dynamight("optimize-deformations", "--refinement-star-file",
+                     str(data / "particles.star"), "--initial-model",
+                     str(data / "consensus_map.mrc"), "--output-directory", str(tmp_path),
+                     "--temporal-prior", "--n-processes", "4", "--n-threads", "1", check=False)
+    assert done.returncode == 1
+    assert "--temporal-prior: trains each half set in one process" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "dynamight optimize-deformations: failed: a worker process failed")

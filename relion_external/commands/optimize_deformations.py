@@ -283,6 +283,11 @@ def main(args, control) -> None:
                                         random_split=args.random_half_sets, seed=args.seed,
                                         preload=args.preload_images)
     tracks = None
+    if args.temporal_prior and any(g.parallel for g in layout.groups.values()):
+        raise InputError(None, "--temporal-prior",
+                         "trains each half set in one process (a code's prior reads its "
+                         "neighbours' codes during the epoch)",
+                         "Run with one process per half set (--n-processes 2 or 1).")
     if args.temporal_prior:
         tracks = read_tracks(args.refinement_star_file, star.particles)
         particles = particles.with_half_set(torch.from_numpy(half_sets_by_track(
