@@ -45,7 +45,7 @@ from _common import (
 from dynamight_core.deformation_model import make_batch
 from dynamight_core.device import DECODER_PRECISIONS, resolve_decoder_precision
 from dynamight_core.gaussian_model import init_gaussians_from_map
-from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
+from dynamight_core.half_set_trainer import PROFILE_LABELS, HalfSetTrainer, TrainerConfig
 from dynamight_core.particles import ParticleSet, TensorImageSource
 from dynamight_core.simulation import (
     consensus_map,
@@ -66,6 +66,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=1, help="timed joint epochs")
     parser.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default="auto",
                         help="as optimize-deformations (auto: bfloat16 where native)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more joint epoch (torch.profiler): the share of the "
+                             "epoch in each part of a step, operator calls and host "
+                             "synchronisations (aten::_local_scalar_dense) per batch")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="Å (default: 192 Å / box, the same molecule at every box)")
     add_threads_seed_args(parser)
@@ -113,10 +117,46 @@ def run_box(box: int, args, device: torch.device) -> dict:
     sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     n = args.epochs * len(particles)
+    if args.profile:
+        _profile_epoch(trainer, particles, args, device)
     return {"box": box, "pixel_size": pixel_size, "n_gaussians": gaussians.n_gaussians,
             "particles": n, "seconds": seconds, "rate": n / seconds,
             "cpu_s_per_particle": cpu_seconds / n, "seconds_per_epoch": seconds / args.epochs,
             "peak_mib": peak_mib(device)}
+
+
+def _profile_epoch(trainer, particles, args, device) -> None:
+    """One joint epoch under torch.profiler: time per part of a step (the trainer's
+    ``dm::`` ranges; CPU time on the CPU, device time on CUDA) as a share of the epoch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    n_batches = -(-len(particles) // args.batch_size)
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        trainer.train_epoch(_batches(particles, trainer.epoch_order(), args.batch_size, device))
+        sync(device)
+        wall = time.perf_counter() - t0
+    events = {e.key: e for e in prof.key_averages()}
+    cuda = device.type == "cuda"
+    print(f"  profile of one joint epoch ({wall:.2f} s wall, {n_batches} batches; "
+          f"{'device' if cuda else 'CPU'} time per part, share of the wall time):", flush=True)
+    for label in PROFILE_LABELS:
+        e = events.get(label)
+        if e is None:
+            continue
+        us = e.device_time_total if cuda else e.cpu_time_total
+        print(f"    {label[4:]:<11} {us / 1e6:8.3f} s  {100 * us / 1e6 / wall:5.1f} %", flush=True)
+    ops = sum(e.count for k, e in events.items() if k.startswith("aten::"))
+    syncs = events["aten::_local_scalar_dense"].count if "aten::_local_scalar_dense" in events \
+        else 0
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") \
+        if cuda else 0
+    print(f"    per batch: {ops / n_batches:.0f} aten operator calls, "
+          f"{syncs / n_batches:.1f} host read-backs (aten::_local_scalar_dense)"
+          + (f", {kernels / n_batches:.0f} CUDA kernels" if cuda else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

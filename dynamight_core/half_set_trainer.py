@@ -67,6 +67,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .decoder import DeformationDecoder
 from .deformation_model import Batch, DeformationModel, negative_log_likelihood, noise_normalisation
@@ -91,6 +92,22 @@ from .regularization import (
     repulsion_loss,
 )
 from .temporal_prior import TemporalPrior, TrackLayout
+
+# labels of the parts of a training step, for torch.profiler (benchmarks/
+# bench_optimize_deformations.py --profile); "dm::data" is the wait for the next batch
+PROFILE_LABELS = ("dm::data", "dm::codes", "dm::forward", "dm::loss", "dm::backward",
+                  "dm::optimiser", "dm::statistics")
+
+
+def _labelled(batches: Iterable[Batch]):
+    """``batches``, each fetched inside a ``dm::data`` profiler range."""
+    iterator = iter(batches)
+    while True:
+        with record_function("dm::data"):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
 
 logger = logging.getLogger(__name__)
 
@@ -367,36 +384,39 @@ class HalfSetTrainer:
         reduce = self.group.all_reduce if parallel else None
         params = [p for group in self.optimiser.param_groups for p in group["params"]]
         self.model.train()
-        for batch in batches:
+        for batch in _labelled(batches):
             self.optimiser.zero_grad(set_to_none=True)
             if len(batch):
                 nll, mse, reg, mean, precision, prior = self._batch_terms(batch, warmup)
                 total = batch.global_size
                 # data parallel: each share adds its part of the batch mean
-                data = nll.mean() if total == len(batch) else nll.sum() / total
-                loss = data
-                if not warmup:
-                    reg_mean = reg.mean() if total == len(batch) else reg.sum() / total
-                    if first:
-                        self.regularization_weight = gradient_norm_ratio_lambda(
-                            data, reg_mean, self.model.decoder.parameters(),
-                            c.regularization_factor, reduce=reduce)
-                    loss = loss + self.regularization_weight * reg_mean
-                    sums[2] += posterior_kl(mean, precision, prior).sum().double()
-                    sums[3] += reg.detach().sum().double()
-                    mus.append(mean)
-                loss.backward()
+                with record_function("dm::loss"):
+                    data = nll.mean() if total == len(batch) else nll.sum() / total
+                    loss = data
+                    if not warmup:
+                        reg_mean = reg.mean() if total == len(batch) else reg.sum() / total
+                        if first:
+                            self.regularization_weight = gradient_norm_ratio_lambda(
+                                data, reg_mean, self.model.decoder.parameters(),
+                                c.regularization_factor, reduce=reduce)
+                        loss = loss + self.regularization_weight * reg_mean
+                        sums[2] += posterior_kl(mean, precision, prior).sum().double()
+                        sums[3] += reg.detach().sum().double()
+                        mus.append(mean)
+                with record_function("dm::backward"):
+                    loss.backward()
                 sums[0] += nll.detach().sum().double()
                 sums[1] += mse.detach().sum().double()
                 n_seen += len(batch)
             elif not parallel:
                 continue
             first = False
-            self.group.all_reduce_gradients(params)
-            self.optimiser.step()
-            with torch.no_grad():
-                g = self.model.gaussians
-                g.log_sigmas.clamp_(min=math.log(0.5 * c.pixel_size))
+            with record_function("dm::optimiser"):
+                self.group.all_reduce_gradients(params)
+                self.optimiser.step()
+                with torch.no_grad():
+                    g = self.model.gaussians
+                    g.log_sigmas.clamp_(min=math.log(0.5 * c.pixel_size))
         sums = dict(zip(keys, sums.tolist(), strict=True))  # the epoch's one read-back
         if parallel:
             totals = self.group.all_reduce_numbers([*sums.values(), float(n_seen)])
@@ -424,21 +444,23 @@ class HalfSetTrainer:
         """Forward pass of a training batch: per-particle NLL, MSE and regulariser (None in
         warm-up), the codes' posterior and prior; the noise sums take the residuals."""
         mean = precision = prior = reg = None
-        if warmup:
-            out = self.model(batch)
-        else:
-            mean, precision, prior = self._refine_codes(batch)
-            # the batch's draws, of which a data-parallel share takes its rows
-            noise = torch.randn((batch.global_size, mean.shape[-1]),
-                                generator=self.sample_generator, device=mean.device,
-                                dtype=mean.dtype)[batch.offset:batch.offset + len(batch)]
-            z = sample_posterior(mean, precision, noise=noise)
-            out = self.model(batch, z)
-        nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"],
-                                           self.noise_weights, self.noise_norm)
+        z = None
         if not warmup:
-            reg = self._regularisation(out["deformed"])
-        with torch.no_grad():
+            with record_function("dm::codes"):
+                mean, precision, prior = self._refine_codes(batch)
+                # the batch's draws, of which a data-parallel share takes its rows
+                noise = torch.randn((batch.global_size, mean.shape[-1]),
+                                    generator=self.sample_generator, device=mean.device,
+                                    dtype=mean.dtype)[batch.offset:batch.offset + len(batch)]
+                z = sample_posterior(mean, precision, noise=noise)
+        with record_function("dm::forward"):
+            out = self.model(batch) if warmup else self.model(batch, z)
+        with record_function("dm::loss"):
+            nll, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"],
+                                               self.noise_weights, self.noise_norm)
+            if not warmup:
+                reg = self._regularisation(out["deformed"])
+        with record_function("dm::statistics"), torch.no_grad():
             self.noise.accumulate(out["image_rfft"] - out["model_rfft"].detach())
         return nll, mse, reg, mean, precision, prior
 
