@@ -90,6 +90,7 @@ from .regularization import (
     mean_neighbour_distance,
     repulsion_candidate_pairs,
     repulsion_loss,
+    signal_ratio_lambda,
 )
 from .temporal_prior import TemporalPrior, TrackLayout
 
@@ -126,6 +127,9 @@ class TrainerConfig:
     n_neurons_per_layer: int = 32
     n_warmup_epochs: int = 0
     regularization_factor: float = 1.0
+    # "gradient-ratio": λ from the data gradient's norm; "signal-ratio": from the norm of its
+    # part common to both halves of the batch (the noise part averages out), an experiment
+    regularization_rule: str = "gradient-ratio"
     beta: float = 0.1  # KL weight: E(z) = NLL / beta + |z|² / 2
     consensus_update_interval: int = 5
     consensus_update_fraction: float = 0.1
@@ -396,9 +400,8 @@ class HalfSetTrainer:
                     if not warmup:
                         reg_mean = reg.mean() if total == len(batch) else reg.sum() / total
                         if first:
-                            self.regularization_weight = gradient_norm_ratio_lambda(
-                                data, reg_mean, self.model.decoder.parameters(),
-                                c.regularization_factor, reduce=reduce)
+                            self.regularization_weight = self._lambda(
+                                nll, data, reg_mean, reduce)
                         loss = loss + self.regularization_weight * reg_mean
                         sums[2] += posterior_kl(mean, precision, prior).sum().double()
                         sums[3] += reg.detach().sum().double()
@@ -439,6 +442,18 @@ class HalfSetTrainer:
         stats.update(n_particles=float(n_seen), regularization_weight=self.regularization_weight,
                      warmup=float(warmup))
         return stats
+
+    def _lambda(self, nll: torch.Tensor, data: torch.Tensor, reg_mean: torch.Tensor,
+                reduce) -> float:
+        """This epoch's λ (:class:`TrainerConfig` ``regularization_rule``)."""
+        c = self.config
+        params = self.model.decoder.parameters()
+        if c.regularization_rule == "gradient-ratio":
+            return gradient_norm_ratio_lambda(data, reg_mean, params, c.regularization_factor,
+                                              reduce=reduce)
+        if c.regularization_rule == "signal-ratio":
+            return signal_ratio_lambda(nll, reg_mean, params, c.regularization_factor)
+        raise ValueError(f"unknown regularization rule {c.regularization_rule!r}")
 
     def _batch_terms(self, batch: Batch, warmup: bool):
         """Forward pass of a training batch: per-particle NLL, MSE and regulariser (None in

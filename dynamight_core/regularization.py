@@ -176,6 +176,33 @@ def gradient_norm_ratio_lambda(
     return float(factor * data_norm / reg_norm)
 
 
+def signal_ratio_lambda(
+    nll: torch.Tensor,  # (b,) per-particle data terms of one batch
+    reg_loss: torch.Tensor,  # scalar
+    params: Iterable[torch.Tensor],
+    factor: float,
+) -> float:
+    """``lambda = factor * sqrt(max(g1 · g2, 0)) / ||d reg / d params||``, ``g1`` and ``g2``
+    the gradients of the mean data term of the two halves of the batch: ``g1 · g2`` estimates
+    the squared norm of the data gradient's expectation (the signal), without the particle
+    noise that dominates ``||g||`` at low SNR. Falls back to ``factor`` as
+    :func:`gradient_norm_ratio_lambda` does."""
+    param_list = [p for p in params if p.requires_grad]
+    half = nll.shape[0] // 2
+    if half == 0:
+        return gradient_norm_ratio_lambda(nll.mean(), reg_loss, param_list, factor)
+    grads = []
+    for part in (nll[:half], nll[half:2 * half]):
+        g = torch.autograd.grad(part.mean(), param_list, retain_graph=True, allow_unused=True)
+        grads.append(torch.cat([(torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
+                                for gi, p in zip(g, param_list, strict=True)]))
+    signal = float(torch.dot(grads[0], grads[1]).clamp_min(0.0).sqrt())
+    reg_norm = _gradient_norm(reg_loss, param_list)
+    if not np.isfinite(signal) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
+        return float(factor)
+    return float(factor * signal / reg_norm)
+
+
 __all__ = [
     "build_neighbour_graph",
     "distance_preservation_loss",
@@ -183,4 +210,5 @@ __all__ = [
     "mean_neighbour_distance",
     "repulsion_candidate_pairs",
     "repulsion_loss",
+    "signal_ratio_lambda",
 ]

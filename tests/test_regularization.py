@@ -15,6 +15,7 @@ from dynamight_core.regularization import (
     mean_neighbour_distance,
     repulsion_candidate_pairs,
     repulsion_loss,
+    signal_ratio_lambda,
 )
 
 SPACING = 2.0  # Å
@@ -120,3 +121,24 @@ def test_lambda_falls_back_when_regulariser_has_no_gradient() -> None:
     reg_loss = (p.detach() ** 2).sum()  # constant w.r.t. p
     assert gradient_norm_ratio_lambda(data_loss, reg_loss, [p], factor=2.0) == 2.0
     assert gradient_norm_ratio_lambda(data_loss, reg_loss, [p], factor=2.0, fallback=0.0) == 0.0
+
+
+def test_signal_ratio_lambda_keeps_the_common_gradient_and_drops_the_noise() -> None:
+    """Halves of a batch with the same data term: the signal rule equals the norm rule.
+    Per-particle terms that pull the parameters in independent random directions (pure
+    noise, no common direction): its λ is far below the norm rule's."""
+    p = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    reg = 0.5 * (p**2).sum()
+    same = torch.stack([((p - 1.0) ** 2).sum()] * 8)
+    assert signal_ratio_lambda(same, reg, [p], 0.3) == pytest.approx(
+        gradient_norm_ratio_lambda(same.mean(), reg, [p], 0.3), rel=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    # n particles, d parameters: |noise gradient| ~ sqrt(d / n), while the signal estimate of
+    # pure noise is ~ sqrt(2) d^(1/4) / sqrt(n), a fraction sqrt(2) d^(-1/4) of it (0.17 here)
+    w = torch.randn(400, 5000, generator=generator)
+    q = torch.zeros(5000, requires_grad=True)
+    noise = w @ q  # per-particle gradients: the rows of w (mean 0)
+    reg_q = 0.5 * ((q - 1.0) ** 2).sum()
+    by_norm = gradient_norm_ratio_lambda(noise.mean(), reg_q, [q], 1.0)
+    by_signal = signal_ratio_lambda(noise, reg_q, [q], 1.0)
+    assert by_signal < 0.35 * by_norm

@@ -84,6 +84,13 @@ def add_args(p) -> None:
     p.add_argument("--n-neurons-per-layer", type=int, default=32)
     p.add_argument("--n-warmup-epochs", type=int, default=0)
     p.add_argument("--regularization-factor", type=float, default=1.0)
+    p.add_argument("--regularization-rule", choices=("gradient-ratio", "signal-ratio"),
+                   default="gradient-ratio",
+                   help="λ per epoch: factor × |data gradient| / |regulariser gradient| "
+                        "(gradient-ratio, as the reference DynaMight), or with the data "
+                        "gradient's signal part only (signal-ratio: the product of the "
+                        "gradients of the two halves of a batch; an experiment, see "
+                        "benchmarks/RESULTS.md)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--gpu-id", default=None,
                    help="GPU(s) to use (default: CPU); a list such as 0,1 runs one process "
@@ -169,7 +176,8 @@ def _trainer_config(args, particles, gaussians, device) -> TrainerConfig:
         n_positional_encoding_dimensions=args.n_positional_encoding_dimensions,
         n_linear_layers=args.n_linear_layers, n_neurons_per_layer=args.n_neurons_per_layer,
         n_warmup_epochs=args.n_warmup_epochs,
-        regularization_factor=args.regularization_factor, beta=args.beta,
+        regularization_factor=args.regularization_factor,
+        regularization_rule=args.regularization_rule, beta=args.beta,
         consensus_update_interval=args.consensus_update_interval,
         learning_rate=args.learning_rate, seed=args.seed,
         decoder_precision=resolve_decoder_precision(args.decoder_precision, device))
@@ -219,6 +227,7 @@ _CHECKPOINT_SETTINGS = (
     "refinement_star_file", "initial_model", "initial_threshold", "mask_file", "n_gaussians",
     "n_gaussian_widths", "n_latent_dimensions", "n_positional_encoding_dimensions",
     "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
+    "regularization_rule",
     "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
     "n_map_fit_steps", "beta", "learning_rate", "decoder_precision", "temporal_prior")
 
