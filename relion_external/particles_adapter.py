@@ -51,6 +51,7 @@ def load_particle_set(
     random_split: bool = False,
     seed: int = 0,
     preload: bool = False,
+    read_threads: int = 1,
 ) -> tuple[ParticleSet, RelionParticles]:
     """Read a RELION 3.1+ particles STAR file and its stacks into a :class:`ParticleSet`.
 
@@ -58,7 +59,9 @@ def load_particle_set(
     ``project_dir`` (default: the working directory, where RELION runs jobs), then to the STAR
     file's folder. Half sets come from ``rlnRandomSubset``; without it ``random_split=True``
     draws balanced random halves from ``seed``. Everything is checked before any image is
-    read; bad input raises :class:`InputError` naming the file and the column.
+    read; bad input raises :class:`InputError` naming the file and the column. ``preload`` and
+    ``read_threads`` go to :class:`MrcStackImageSource` (which checks a preload against the
+    available memory).
     """
     star_path = Path(star_path)
     star = read_particles_star(star_path)
@@ -82,7 +85,8 @@ def load_particle_set(
     half_set = _half_sets(star_path, particles, random_split, seed)
     images = MrcStackImageSource(
         _stack_entries(star_path, particles, project_dir), box_size=box_size,
-        star_path=star_path, image_names=particles["rlnImageName"].tolist(), preload=preload)
+        star_path=star_path, image_names=particles["rlnImageName"].tolist(), preload=preload,
+        read_threads=read_threads)
 
     rotations = euler_to_matrix(*(torch.from_numpy(a) for a in angles)).to(torch.float32)
     particle_set = ParticleSet(
