@@ -85,20 +85,35 @@ class MrcStackImageSource:
         max_open_files: int | None = None,
         read_threads: int = 1,
     ):
-        self.box_size = int(box_size)
-        self._max_open = max(1, int(max_open_files) if max_open_files else _default_max_open())
-        self._read_threads = max(1, int(read_threads))
         stacks: dict[Path, int] = {}
         stack_ids = np.empty(len(entries), dtype=np.int64)
         positions = np.empty(len(entries), dtype=np.int64)
         for i, (stack, position) in enumerate(entries):
-            key = stack if isinstance(stack, Path) else Path(stack)
-            stack_id = stacks.get(key)
-            if stack_id is None:
-                stack_id = stacks[key] = len(stacks)
-            stack_ids[i] = stack_id
+            stack_ids[i] = stacks.setdefault(Path(stack), len(stacks))
             positions[i] = position
-        self._stacks = list(stacks)
+        self._setup(list(stacks), stack_ids, positions, box_size=box_size, star_path=star_path,
+                    image_names=image_names, preload=preload, max_open_files=max_open_files,
+                    read_threads=read_threads)
+
+    @classmethod
+    def from_stack_table(cls, stacks: Sequence[str | PathLike], stack_ids: np.ndarray,
+                         positions: np.ndarray, **kwargs) -> MrcStackImageSource:
+        """The same source from arrays (no Python object per particle: 10^6 particles in
+        milliseconds): particle ``i`` is image ``positions[i]`` (0-based) of
+        ``stacks[stack_ids[i]]``; keyword arguments as for the constructor."""
+        source = cls.__new__(cls)
+        source._setup([Path(s) for s in stacks], np.asarray(stack_ids, dtype=np.int64),
+                      np.asarray(positions, dtype=np.int64), **kwargs)
+        return source
+
+    def _setup(self, stacks: list[Path], stack_ids: np.ndarray, positions: np.ndarray, *,
+               box_size: int, star_path: str | PathLike | None = None,
+               image_names: Sequence[str] | None = None, preload: bool = False,
+               max_open_files: int | None = None, read_threads: int = 1) -> None:
+        self.box_size = int(box_size)
+        self._max_open = max(1, int(max_open_files) if max_open_files else _default_max_open())
+        self._read_threads = max(1, int(read_threads))
+        self._stacks = stacks
         self._stack_ids = stack_ids
         self._positions = positions
         self._offsets = np.zeros(len(self._stacks), dtype=np.int64)  # bytes before image 0
@@ -245,7 +260,10 @@ class MrcStackImageSource:
         first = int(rows[np.argmin(self._positions[rows])])
 
         def fail(problem: str, fix: str, row: int = first) -> InputError:
-            name = image_names[row] if image_names is not None else f"image {row + 1}"
+            if image_names is None:
+                name = f"image {row + 1}"
+            else:  # a list, or a pandas Series (by position)
+                name = image_names.iloc[row] if hasattr(image_names, "iloc") else image_names[row]
             return InputError(star_path if star_path is not None else stack, "rlnImageName",
                               f"{name!r} (particle row {row + 1}) refers to stack {stack}, "
                               f"which {problem}", fix)
