@@ -233,8 +233,8 @@ def read(args) -> None:
     rng = np.random.default_rng(args.seed)
     if args.warm:
         t0 = time.time()
-        for start in range(0, len(particles), 10_000):
-            particles.images.read(np.arange(start, min(start + 10_000, len(particles))))
+        for start in range(0, len(particles), 1_000):
+            particles.images.read(np.arange(start, min(start + 1_000, len(particles))))
         print(f"warm-up: read all {len(particles)} particles in file order, "
               f"{time.time() - t0:.1f} s", flush=True)
     t0 = time.time()
