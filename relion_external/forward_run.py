@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynamight_core.batch_prefetch import prefetch_batches
 from dynamight_core.checkpoint import FINAL_NAME, latest_checkpoint, load_checkpoint
 from dynamight_core.checkpoint_file import CheckpointError
-from dynamight_core.deformation_model import Batch, DeformationModel, make_batch
+from dynamight_core.deformation_model import Batch, DeformationModel
 from dynamight_core.half_set_trainer import HalfSetTrainer
 from dynamight_core.particles import ParticleSet
 
@@ -64,12 +65,14 @@ class ForwardRun:
 
     def batches(self, indices: np.ndarray, batch_size: int, control=None) -> Iterator[Batch]:
         """Batches of exactly ``batch_size`` particles (the last one may be smaller, never
-        dropped), polling ``control.check_abort()`` before each."""
+        dropped), polling ``control.check_abort()`` before each; read ahead in a background
+        thread (:func:`dynamight_core.batch_prefetch.prefetch_batches`: the batches of
+        ``make_batch``)."""
         indices = np.asarray(indices, dtype=np.int64)
-        for start in range(0, indices.shape[0], batch_size):
-            if control is not None:
-                control.check_abort()
-            yield make_batch(self.particles, indices[start:start + batch_size], self.device)
+        chunks = [indices[start:start + batch_size]
+                  for start in range(0, indices.shape[0], batch_size)]
+        yield from prefetch_batches(self.particles, chunks, self.device,
+                                    before_each=None if control is None else control.check_abort)
 
     @torch.no_grad()
     def latents(self, half: int, batch: Batch) -> torch.Tensor:  # (b, d)

@@ -51,6 +51,7 @@ def load_particle_set(
     random_split: bool = False,
     seed: int = 0,
     preload: bool = False,
+    read_threads: int = 1,
 ) -> tuple[ParticleSet, RelionParticles]:
     """Read a RELION 3.1+ particles STAR file and its stacks into a :class:`ParticleSet`.
 
@@ -58,7 +59,9 @@ def load_particle_set(
     ``project_dir`` (default: the working directory, where RELION runs jobs), then to the STAR
     file's folder. Half sets come from ``rlnRandomSubset``; without it ``random_split=True``
     draws balanced random halves from ``seed``. Everything is checked before any image is
-    read; bad input raises :class:`InputError` naming the file and the column.
+    read; bad input raises :class:`InputError` naming the file and the column. ``preload`` and
+    ``read_threads`` go to :class:`MrcStackImageSource` (which checks a preload against the
+    available memory).
     """
     star_path = Path(star_path)
     star = read_particles_star(star_path)
@@ -80,9 +83,10 @@ def load_particle_set(
         name: table.ctf_column(label, default) for name, (label, default) in CTF_COLUMNS.items()
     })
     half_set = _half_sets(star_path, particles, random_split, seed)
-    images = MrcStackImageSource(
-        _stack_entries(star_path, particles, project_dir), box_size=box_size,
-        star_path=star_path, image_names=particles["rlnImageName"].tolist(), preload=preload)
+    images = MrcStackImageSource.from_stack_table(
+        *_stack_table(star_path, particles, project_dir), box_size=box_size,
+        star_path=star_path, image_names=particles["rlnImageName"], preload=preload,
+        read_threads=read_threads)
 
     rotations = euler_to_matrix(*(torch.from_numpy(a) for a in angles)).to(torch.float32)
     particle_set = ParticleSet(
@@ -292,9 +296,10 @@ def _half_sets(star_path: Path, particles: pd.DataFrame, random_split: bool,
     return half_set
 
 
-def _stack_entries(star_path: Path, particles: pd.DataFrame,
-                   project_dir: str | PathLike | None) -> list[tuple[Path, int]]:
-    """``(stack path, 0-based index)`` per particle from ``N@stack`` names (N 1-based)."""
+def _stack_table(star_path: Path, particles: pd.DataFrame, project_dir: str | PathLike | None
+                 ) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """From ``N@stack`` names (N 1-based): the distinct stacks (found on disk), and per
+    particle the stack's number in that list and the 0-based image index in it."""
     names = particles["rlnImageName"].astype(str)
     parts = names.str.partition("@")
     numbers = pd.to_numeric(parts[0], errors="coerce").to_numpy(dtype=np.float64)
@@ -306,12 +311,12 @@ def _stack_entries(star_path: Path, particles: pd.DataFrame,
                          "N@stack.mrcs with a 1-based image number N >= 1",
                          "Use particles extracted by RELION (image numbers start at 1).")
     project = Path(project_dir).absolute() if project_dir is not None else Path(os.getcwd())
-    resolved: dict[str, Path] = {}
-    for row, stack in enumerate(parts[2].tolist()):
-        if stack not in resolved:
-            resolved[stack] = _find_stack(star_path, stack, names.iloc[row], row, project)
-    return [(resolved[stack], int(number) - 1)
-            for stack, number in zip(parts[2].tolist(), numbers)]
+    stack_ids, stack_names = pd.factorize(parts[2], sort=False)
+    first_rows = np.full(len(stack_names), len(names), dtype=np.int64)
+    np.minimum.at(first_rows, stack_ids, np.arange(len(names)))
+    stacks = [_find_stack(star_path, stack, names.iloc[row], int(row), project)
+              for stack, row in zip(stack_names, first_rows)]
+    return stacks, stack_ids.astype(np.int64), numbers.astype(np.int64) - 1
 
 
 def _find_stack(star_path: Path, stack: str, name: str, row: int, project: Path) -> Path:

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from dynamight_core.particles import ImageSource
-from relion_external import InputError, MrcStackImageSource
+from dynamight_core.batch_prefetch import chunked_order, prefetch_batches
+from dynamight_core.deformation_model import make_batch
+from dynamight_core.particles import CTFParams, ImageSource, ParticleSet
+from dynamight_core.rotation import random_rotations
+from relion_external import InputError, MrcStackImageSource, image_stack
 
 
 @pytest.fixture
@@ -93,3 +96,98 @@ def test_truncated_stack(stack, tmp_path):
     path = tmp_path / "short.mrcs"
     path.write_bytes(stack.read_bytes()[: 1024 + 10 * 32 * 32 * 4 + 7])
     _assert_error([(path, 0)], 32, "truncated", "only 10")
+
+
+# -- many stacks, read strategies, pixel types, preload memory check ----------------------------
+
+def _many_stacks(folder, n_stacks=2000, per_stack=10, box=8, dtype=np.float32):
+    """``n_stacks`` stacks of ``per_stack`` images whose pixels encode (stack, pixel)."""
+    header = _header(folder / "header.mrcs", box, per_stack, dtype)
+    entries, images = [], []
+    for s in range(n_stacks):
+        data = (np.arange(per_stack * box * box, dtype=np.float64).reshape(per_stack, box, box)
+                % 997 + 1000 * s).astype(dtype)
+        path = folder / f"mic_{s:05d}.mrcs"
+        path.write_bytes(header + data.tobytes())  # mrcfile.new is slow for 2,000 files
+        entries += [(path, i) for i in range(per_stack)]
+        images.append(data.astype(np.float32))
+    return entries, np.concatenate(images)
+
+
+def _header(path, box, n, dtype):
+    """The 1,024-byte header of an MRC stack of ``n`` ``box``² images of ``dtype``."""
+    with mrcfile.new_mmap(path, shape=(n, box, box), overwrite=True,
+                          mrc_mode=12 if np.dtype(dtype) == np.float16 else 2) as mrc:
+        mrc.set_image_stack()
+        header = mrc.header.tobytes()
+    path.unlink()
+    return header
+
+
+def test_many_stacks_give_the_same_batches_whatever_the_strategy(tmp_path):
+    """20,000 particles in 2,000 stacks read in random training order: the same images with
+    few or many open files, one or several reader threads, preloaded, and through the
+    prefetching batch iterator in either epoch order (its batches equal make_batch's)."""
+    entries, expected = _many_stacks(tmp_path)
+    order = np.random.default_rng(0).permutation(len(entries))
+    batches = [order[s:s + 100] for s in range(0, len(order), 100)]
+    sources = {
+        "default": _source(entries, box_size=8),
+        "8 open files": _source(entries, box_size=8, max_open_files=8),
+        "4 reader threads": _source(entries, box_size=8, read_threads=4, max_open_files=16),
+        "preloaded": _source(entries, box_size=8, preload=True),
+    }
+    for name, source in sources.items():
+        for chunk in batches[:40]:
+            got = source.read(chunk).numpy()
+            assert np.array_equal(got, expected[chunk]), name
+        source.close()
+    particles = _particle_set(sources["8 open files"])
+    generator = torch.Generator().manual_seed(3)
+    stack_local = chunked_order(np.arange(len(entries)), sources["default"].group_ids(),
+                                generator)
+    assert sorted(stack_local.tolist()) == list(range(len(entries)))
+    for epoch in (order, stack_local):
+        chunks = [epoch[s:s + 100] for s in range(0, len(epoch), 100)]
+        for want, got in zip([make_batch(particles, c, torch.device("cpu")) for c in chunks],
+                             prefetch_batches(particles, chunks, "cpu"), strict=True):
+            assert np.array_equal(got.indices, want.indices)
+            assert torch.equal(got.images, want.images)
+            assert torch.equal(got.images, torch.from_numpy(expected[want.indices]))
+            assert torch.equal(got.rotations, want.rotations)
+            assert torch.equal(got.shifts_angstrom, want.shifts_angstrom)
+            assert torch.equal(got.ctf.defocus_u_angstrom, want.ctf.defocus_u_angstrom)
+
+
+def _particle_set(source):
+    n = len(source)
+    generator = torch.Generator().manual_seed(0)
+    return ParticleSet(images=source, rotations=random_rotations(n, generator=generator),
+                       shifts_angstrom=torch.randn(n, 2, generator=generator),
+                       ctf=CTFParams.from_values(n, defocus_u_angstrom=torch.rand(n) * 1e4,
+                                                 defocus_v_angstrom=1e4),
+                       half_set=torch.arange(n) % 2 + 1, pixel_size=2.0, box_size=source.box_size)
+
+
+def test_float16_and_big_endian_stacks(tmp_path):
+    entries16, expected16 = _many_stacks(tmp_path, n_stacks=3, per_stack=5, dtype=np.float16)
+    source = _source(entries16, box_size=8)
+    np.testing.assert_array_equal(source.read(np.array([14, 0, 7, 7])).numpy(),
+                                  expected16[[14, 0, 7, 7]])
+    data = np.arange(4 * 32 * 32, dtype=">f4").reshape(4, 32, 32)
+    path = tmp_path / "big_endian.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+    assert mrcfile.read(path).dtype.byteorder == ">"
+    big = _source([(path, i) for i in range(4)], box_size=32)
+    np.testing.assert_array_equal(big.read(np.array([3, 1])).numpy(), data[[3, 1]])
+
+
+def test_preload_larger_than_the_available_memory_is_refused(stack, monkeypatch):
+    monkeypatch.setattr(image_stack, "available_memory_bytes", lambda: 40 * 32 * 32 * 4)
+    with pytest.raises(InputError) as info:
+        _source([(stack, i) for i in range(40)], box_size=32, preload=True)
+    message = str(info.value)
+    assert "--preload-images" in message and "available" in message and "\n" not in message
+    monkeypatch.setattr(image_stack, "available_memory_bytes", lambda: 10 * 40 * 32 * 32 * 4)
+    assert len(_source([(stack, i) for i in range(40)], box_size=32, preload=True)) == 40
