@@ -1,7 +1,8 @@
 """Batches of particles for the stage runners, shared between the processes of a half set.
 
 :func:`batches` cuts an index list into batches and reads each (images, poses, CTFs) onto the
-device with :func:`.deformation_model.make_batch`. With a data-parallel :class:`.distributed.
+device as :func:`.deformation_model.make_batch` would, a few batches ahead in a background
+thread (:func:`.batch_prefetch.prefetch_batches`; pinned memory on CUDA). With a data-parallel :class:`.distributed.
 Group` every process takes its share of each batch (:meth:`.distributed.Group.share`) and
 reads only that, and every process makes the same number of steps, so collectives inside the
 loop line up; the batch records its place in the whole (:attr:`.deformation_model.Batch.offset`,
@@ -17,7 +18,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .deformation_model import Batch, make_batch
+from .batch_prefetch import prefetch_batches
+from .deformation_model import Batch
 from .distributed import Group
 from .particles import ParticleSet
 
@@ -54,15 +56,18 @@ def batches(particles: ParticleSet, indices: np.ndarray, batch_size: int,
     ``batch_size × group.size`` particles (each process then handles full batches)."""
     indices = np.asarray(indices, dtype=np.int64)
     step = batch_size * (group.size if per_process else 1)
-    for start in range(0, indices.shape[0], step):
-        poll_abort(group, check_abort)
-        chunk = indices[start:start + step]
-        if not group.parallel:
-            yield make_batch(particles, chunk, device)
-            continue
-        rows = group.share(chunk.shape[0])
-        batch = make_batch(particles, chunk[rows], device)
-        yield replace(batch, offset=rows.start, total=chunk.shape[0])
+    chunks = [indices[start:start + step] for start in range(0, indices.shape[0], step)]
+    shares = [group.share(chunk.shape[0]) for chunk in chunks]
+    read = prefetch_batches(particles, [chunk[rows] for chunk, rows in
+                                        zip(chunks, shares, strict=True)], device)
+    try:
+        for chunk, rows in zip(chunks, shares, strict=True):
+            poll_abort(group, check_abort)
+            batch = next(read)
+            yield replace(batch, offset=rows.start, total=chunk.shape[0]) \
+                if group.parallel else batch
+    finally:
+        read.close()
 
 
 __all__ = ["batches", "poll_abort"]
