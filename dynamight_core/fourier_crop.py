@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .fourier_grids import irfft2_centered, rfft2_centered
+from .fourier_grids import irfft2_centered, irfftn_centered_3d, rfft2_centered, rfftn_centered_3d
 from .particles import ParticleSet
 
 
@@ -64,6 +64,24 @@ def crop_particle_set(particles: ParticleSet, new_box: int) -> ParticleSet:
                    pixel_size=particles.pixel_size * particles.box_size / new_box)
 
 
+def fourier_crop_volume(volume: torch.Tensor, new_box: int) -> torch.Tensor:  # (n, n, n)
+    """A ``(box,)*3`` map Fourier-cropped to ``new_box`` with its values kept (a density map
+    stays on its scale, a mask stays a mask up to ringing at sharp edges), as
+    :func:`.deformed_backprojection.downsample_map` for any box."""
+    box = volume.shape[-1]
+    if new_box == box:
+        return volume
+    if not 2 <= new_box < box:
+        raise ValueError(f"cannot crop box {box} to {new_box}")
+    rows = torch.round(torch.fft.fftfreq(new_box, device=volume.device) * new_box).long() % box
+    ft = rfftn_centered_3d(volume.to(torch.float32))[rows][:, rows][..., : new_box // 2 + 1]
+    if new_box % 2 == 0:
+        ft[new_box // 2] = 0
+        ft[:, new_box // 2] = 0
+        ft[..., new_box // 2] = 0
+    return irfftn_centered_3d(ft, new_box) * (new_box / box) ** 3
+
+
 def training_box(box: int, pixel_size: float, resolution_angstrom: float | None, *,
                  without_resolution: int = 256, minimum: int = 64) -> int:
     """The smallest even box whose Nyquist (``2 · pixel · box / new``) is at or beyond
@@ -77,4 +95,5 @@ def training_box(box: int, pixel_size: float, resolution_angstrom: float | None,
     return int(min(box, max(minimum, new)))
 
 
-__all__ = ["FourierCroppedImages", "crop_particle_set", "fourier_crop_images", "training_box"]
+__all__ = ["FourierCroppedImages", "crop_particle_set", "fourier_crop_images",
+           "fourier_crop_volume", "training_box"]

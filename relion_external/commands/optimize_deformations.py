@@ -48,6 +48,7 @@ from dynamight_core.distributed import (
     leave_processes,
     local_rank_from_environment,
 )
+from dynamight_core.fourier_crop import crop_particle_set, fourier_crop_volume, training_box
 from dynamight_core.gaussian_model import fit_gaussians_to_map, init_gaussians_from_map
 from dynamight_core.gaussian_projection import render_gaussians_3d
 from dynamight_core.half_set_trainer import TrainerConfig
@@ -58,6 +59,7 @@ from ..errors import InputError
 from ..map_io import read_map, write_map
 from ..output_nodes import PARTICLES, OutputNode, node_name, write_output_nodes
 from ..particles_adapter import check_map_matches, load_particle_set
+from ..refinement_resolution import consensus_resolution
 from ..star_io import write_particles_star
 from ..track_plot import write_track_latents_plot
 from ..tracks import half_sets_by_track, read_tracks
@@ -92,6 +94,12 @@ def add_args(p) -> None:
                         "gradients of the two halves of a batch; an experiment, see "
                         "benchmarks/RESULTS.md)")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--training-box", type=int, default=0, metavar="N",
+                   help="train on the particles Fourier-cropped to N pixels (pixel size scaled; "
+                        "poses, shifts and CTF unchanged); 0 = the smallest even box whose "
+                        "Nyquist reaches the consensus resolution (_rlnCurrentResolution of "
+                        "<prefix>_model.star beside a <prefix>_data.star), at least 64; without "
+                        "it at most 256. The later stages use the full box")
     p.add_argument("--gpu-id", default=None,
                    help="GPU(s) to use (default: CPU); a list such as 0,1 runs one process "
                         "per GPU (see --n-processes)")
@@ -140,13 +148,19 @@ def add_args(p) -> None:
                    help="RELION job folder: exit-status files and abort requests")
 
 
-def _initial_gaussians(args, particles):
-    """Gaussian model fitted to the consensus map, and the movable mask (or None)."""
+def _initial_gaussians(args, particles, training=None):
+    """Gaussian model fitted to the consensus map, and the movable mask (or None); with
+    ``training`` (the particles on the training box) the map and mask are Fourier-cropped to
+    it first."""
     if not args.initial_model:
         raise InputError(Path(args.refinement_star_file), "--initial-model",
                          "no consensus map given", "Pass the refinement's map.")
     volume, voxel = read_map(args.initial_model)
     check_map_matches(args.initial_model, voxel, volume.shape[-1], particles)
+    full = particles
+    if training is not None and training.box_size != particles.box_size:
+        volume = fourier_crop_volume(volume, training.box_size)
+        voxel, particles = training.pixel_size, training
     generator = torch.Generator().manual_seed(args.seed)
     model, _ = init_gaussians_from_map(volume, voxel, args.n_gaussians, args.initial_threshold,
                                        args.n_gaussian_widths, generator)
@@ -160,7 +174,8 @@ def _initial_gaussians(args, particles):
     movable = None
     if args.mask_file:
         mask, mask_voxel = read_map(args.mask_file)
-        check_map_matches(args.mask_file, mask_voxel, mask.shape[-1], particles)
+        check_map_matches(args.mask_file, mask_voxel, mask.shape[-1], full)
+        mask = fourier_crop_volume(mask, box)
         zyx = torch.round(model.positions.detach().flip(-1) / voxel + box // 2).long()
         zyx = zyx.clamp(0, box - 1)
         movable = mask[zyx[:, 0], zyx[:, 1], zyx[:, 2]] > 0.5
@@ -200,6 +215,29 @@ def _settings(args) -> dict:
     return config
 
 
+def _training_particles(args, particles, state: dict | None):
+    """``particles`` on the training box: the checkpoint's when continuing, else
+    --training-box, else the automatic choice from the consensus resolution."""
+    box = particles.box_size
+    if state is not None:
+        new = int(state["halves"]["1"]["config"]["box_size"])
+    elif args.training_box:
+        new = int(args.training_box)
+        if not 16 <= new <= box:
+            raise InputError(None, "--training-box", f"{new} is not between 16 and the box "
+                             f"size {box}", "Give a smaller box than the particles' (or 0).")
+    else:
+        new = training_box(box, particles.pixel_size,
+                           consensus_resolution(args.refinement_star_file))
+    if new == box:
+        return particles
+    cropped = crop_particle_set(particles, new)
+    logger.info("training on box %d (%.3f Å/px, Nyquist %.2f Å) Fourier-cropped from box %d; "
+                "the deformed backprojection uses the full box", new, cropped.pixel_size,
+                2 * cropped.pixel_size, box)
+    return cropped
+
+
 def _checkpoint_to_resume(args, folder: Path) -> tuple[Path, dict] | None:
     """--checkpoint-file (it must be intact), else the latest intact checkpoint of ``folder``
     (a damaged newer one is skipped with a warning), else None."""
@@ -227,7 +265,7 @@ _CHECKPOINT_SETTINGS = (
     "refinement_star_file", "initial_model", "initial_threshold", "mask_file", "n_gaussians",
     "n_gaussian_widths", "n_latent_dimensions", "n_positional_encoding_dimensions",
     "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
-    "regularization_rule",
+    "regularization_rule", "training_box",
     "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
     "n_map_fit_steps", "beta", "learning_rate", "decoder_precision", "temporal_prior")
 
@@ -304,18 +342,21 @@ def main(args, control) -> None:
         logger.info("temporal prior: %d tracks, %d tracked particles",
                     len(np.unique(tracks[0][tracks[0] >= 0])), int((tracks[0] >= 0).sum()))
     found = _checkpoint_to_resume(args, fwd / "checkpoints")
+    if found is not None:
+        _check_resumable(*found, particles)
+    full, particles = particles, _training_particles(args, particles,
+                                                     found[1] if found else None)
     training = DeformationTraining(
         particles, device, _schedule(args), _settings(args), layout=layout,
         checkpoint_folder=fwd / "checkpoints" if layout.is_main else None,
         check_abort=control.check_abort)
     if found is not None:
         path, state = found
-        _check_resumable(path, state, particles)
         _warn_about_changed_settings(args, state["config"], path)
         logger.info("continuing from %s (epoch %d)", path, int(state["epoch"]))
         training.resume(state)
     else:
-        gaussians, movable = _initial_gaussians(args, particles)
+        gaussians, movable = _initial_gaussians(args, full, particles)
         training.start(gaussians, _trainer_config(args, particles, gaussians, device),
                        movable=movable, validation_fraction=args.validation_fraction,
                        seed=args.seed, tracks=tracks)
