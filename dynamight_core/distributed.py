@@ -136,17 +136,18 @@ class ProcessLayout:
         """The first rank of ``half``'s group (reports the half's numbers and state)."""
         return half in self.halves and self.groups[half].rank == 0
 
+    @property
+    def world(self) -> Group:
+        """All processes, for plain numbers and flags (CPU, gloo)."""
+        return Group(None, self.world_size, self.rank, self.cpu_group)
+
     def sum_numbers(self, values: list[float]) -> list[float]:
-        """Sums of plain numbers over the world (CPU, gloo)."""
-        if not self.parallel:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.cpu_group)
-        return t.tolist()
+        """Sums of plain numbers over the world."""
+        return self.world.all_reduce_numbers(values)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (e.g. an abort request)."""
-        return bool(self.sum_numbers([float(bool(flag))])[0] > 0)
+        return self.world.any(flag)
 
     def gather_halves(self, local: dict[int, dict]) -> dict[int, dict] | None:
         """Rank 0 receives every half's ``local`` entry from that half's leader (CPU copies);
