@@ -87,12 +87,12 @@ def add_args(p) -> None:
     p.add_argument("--n-warmup-epochs", type=int, default=0)
     p.add_argument("--regularization-factor", type=float, default=1.0)
     p.add_argument("--regularization-rule", choices=("gradient-ratio", "signal-ratio"),
-                   default="gradient-ratio",
-                   help="λ per epoch: factor × |data gradient| / |regulariser gradient| "
-                        "(gradient-ratio, as the reference DynaMight), or with the data "
-                        "gradient's signal part only (signal-ratio: the product of the "
-                        "gradients of the two halves of a batch; an experiment, see "
-                        "benchmarks/RESULTS.md)")
+                   default="signal-ratio",
+                   help="λ per epoch: factor × the data gradient's signal part / |regulariser "
+                        "gradient|, the signal part being sqrt(g1 · g2) of the gradients of the "
+                        "two halves of a batch (signal-ratio, measured better at low SNR: "
+                        "benchmarks/RESULTS.md), or factor × |data gradient| / |regulariser "
+                        "gradient| (gradient-ratio, as the reference DynaMight)"),
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--training-box", type=int, default=0, metavar="N",
                    help="train on the particles Fourier-cropped to N pixels (pixel size scaled; "
