@@ -401,7 +401,7 @@ class HalfSetTrainer:
                         reg_mean = reg.mean() if total == len(batch) else reg.sum() / total
                         if first:
                             self.regularization_weight = self._lambda(
-                                nll, data, reg_mean, reduce)
+                                nll, data, reg_mean, batch, reduce)
                         loss = loss + self.regularization_weight * reg_mean
                         sums[2] += posterior_kl(mean, precision, prior).sum().double()
                         sums[3] += reg.detach().sum().double()
@@ -444,7 +444,7 @@ class HalfSetTrainer:
         return stats
 
     def _lambda(self, nll: torch.Tensor, data: torch.Tensor, reg_mean: torch.Tensor,
-                reduce) -> float:
+                batch: Batch, reduce) -> float:
         """This epoch's λ (:class:`TrainerConfig` ``regularization_rule``)."""
         c = self.config
         params = self.model.decoder.parameters()
@@ -452,7 +452,9 @@ class HalfSetTrainer:
             return gradient_norm_ratio_lambda(data, reg_mean, params, c.regularization_factor,
                                               reduce=reduce)
         if c.regularization_rule == "signal-ratio":
-            return signal_ratio_lambda(nll, reg_mean, params, c.regularization_factor)
+            return signal_ratio_lambda(nll, reg_mean, params, c.regularization_factor,
+                                       offset=batch.offset, total=batch.global_size,
+                                       reduce=reduce)
         raise ValueError(f"unknown regularization rule {c.regularization_rule!r}")
 
     def _batch_terms(self, batch: Batch, warmup: bool):

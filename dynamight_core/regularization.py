@@ -177,27 +177,40 @@ def gradient_norm_ratio_lambda(
 
 
 def signal_ratio_lambda(
-    nll: torch.Tensor,  # (b,) per-particle data terms of one batch
+    nll: torch.Tensor,  # (b,) per-particle data terms of one batch (or of a share of it)
     reg_loss: torch.Tensor,  # scalar
     params: Iterable[torch.Tensor],
     factor: float,
+    *,
+    offset: int = 0,
+    total: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """``lambda = factor * sqrt(max(g1 · g2, 0)) / ||d reg / d params||``, ``g1`` and ``g2``
     the gradients of the mean data term of the two halves of the batch: ``g1 · g2`` estimates
     the squared norm of the data gradient's expectation (the signal), without the particle
     noise that dominates ``||g||`` at low SNR. Falls back to ``factor`` as
-    :func:`gradient_norm_ratio_lambda` does."""
+    :func:`gradient_norm_ratio_lambda` does. Data parallel: ``nll`` holds rows ``offset ..``
+    of a batch of ``total``, and ``reduce`` sums each half's gradient (and the regulariser's)
+    over the processes, so every process gets the value one process would."""
     param_list = [p for p in params if p.requires_grad]
-    half = nll.shape[0] // 2
+    n = nll.shape[0]
+    total = n if total is None else int(total)
+    half = total // 2
     if half == 0:
-        return gradient_norm_ratio_lambda(nll.mean(), reg_loss, param_list, factor)
+        return gradient_norm_ratio_lambda(nll.mean(), reg_loss, param_list, factor,
+                                          reduce=reduce)
     grads = []
-    for part in (nll[:half], nll[half:2 * half]):
-        g = torch.autograd.grad(part.mean(), param_list, retain_graph=True, allow_unused=True)
-        grads.append(torch.cat([(torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
-                                for gi, p in zip(g, param_list, strict=True)]))
+    for start, stop in ((0, half), (half, 2 * half)):  # this share's rows of each half
+        lo, hi = min(max(start - offset, 0), n), min(max(stop - offset, 0), n)
+        part = nll[lo:hi]
+        term = part.mean() if (lo, hi) == (start, stop) and total == n else part.sum() / half
+        g = torch.autograd.grad(term, param_list, retain_graph=True, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
+                          for gi, p in zip(g, param_list, strict=True)])
+        grads.append(flat if reduce is None else reduce(flat))
     signal = float(torch.dot(grads[0], grads[1]).clamp_min(0.0).sqrt())
-    reg_norm = _gradient_norm(reg_loss, param_list)
+    reg_norm = _gradient_norm(reg_loss, param_list, reduce)
     if not np.isfinite(signal) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
         return float(factor)
     return float(factor * signal / reg_norm)
