@@ -18,46 +18,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields
 
 import numpy as np
 import torch
 
-from .deformation_model import Batch
-from .particles import CTFParams, ParticleSet
+from .deformation_model import Batch, batch_to, host_batch
+from .particles import ParticleSet
 
 _DONE = object()
-
-
-def host_batch(particles: ParticleSet, indices: np.ndarray, *, pin_memory: bool = False) -> Batch:
-    """The batch of ``indices`` in host memory (what :func:`make_batch` reads before moving it
-    to its device), in page-locked memory with ``pin_memory``."""
-    indices = np.asarray(indices, dtype=np.int64)
-    idx = torch.from_numpy(indices)
-    batch = Batch(indices=indices, images=particles.images.read(indices),
-                  rotations=particles.rotations[idx], shifts_angstrom=particles.shifts_angstrom[idx],
-                  ctf=particles.ctf.subset(indices))
-    return _pinned(batch) if pin_memory else batch
-
-
-def batch_to(batch: Batch, device: torch.device, *, non_blocking: bool = False) -> Batch:
-    """``batch`` with every tensor on ``device`` (``non_blocking`` copies from pinned memory)."""
-    return Batch(indices=batch.indices,
-                 images=batch.images.to(device, non_blocking=non_blocking),
-                 rotations=batch.rotations.to(device, non_blocking=non_blocking),
-                 shifts_angstrom=batch.shifts_angstrom.to(device, non_blocking=non_blocking),
-                 ctf=_ctf_map(batch.ctf, lambda t: t.to(device, non_blocking=non_blocking)))
-
-
-def _pinned(batch: Batch) -> Batch:
-    return Batch(indices=batch.indices, images=batch.images.pin_memory(),
-                 rotations=batch.rotations.pin_memory(),
-                 shifts_angstrom=batch.shifts_angstrom.pin_memory(),
-                 ctf=_ctf_map(batch.ctf, torch.Tensor.pin_memory))
-
-
-def _ctf_map(ctf: CTFParams, function: Callable[[torch.Tensor], torch.Tensor]) -> CTFParams:
-    return CTFParams(**{f.name: function(getattr(ctf, f.name)) for f in fields(ctf)})
 
 
 def prefetch_batches(

@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .deformation_model import Batch, deformation_error, split_validation
-from .distributed import SINGLE, Group, ProcessLayout
+from .distributed import HALVES, SINGLE, Group, ProcessLayout
 from .early_stopping import EarlyStopping
 from .gaussian_model import GaussianModel
 from .half_set_trainer import HalfSetTrainer, TrainerConfig
@@ -44,7 +44,6 @@ from .particles import ParticleSet
 
 logger = logging.getLogger(__name__)
 
-HALVES = (1, 2)
 STAT_KEYS = ("data", "mse", "reg", "kl", "regularization_weight")
 
 

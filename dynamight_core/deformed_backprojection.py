@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
 from .ctf import ctf_2d_rfft
 from .fourier_grids import (
+    crop_rows,
     fftfreq_grid_2d_rfft,
     irfftn_centered_3d,
     rfft2_centered,
@@ -264,11 +265,6 @@ def choose_grid_size(
     return 3
 
 
-def _crop_rows(box_size: int, new_box: int, device) -> torch.Tensor:
-    """Rows of a ``box_size`` unshifted (r)fft that hold the frequencies of a ``new_box`` one."""
-    return torch.round(torch.fft.fftfreq(new_box, device=device) * new_box).long() % box_size
-
-
 def downsample_images(images: torch.Tensor, factor: int) -> torch.Tensor:  # (b, n, n)
     """Fourier-crop ``(b, box, box)`` images to ``box // factor`` (pixel size × factor).
 
@@ -280,7 +276,7 @@ def downsample_images(images: torch.Tensor, factor: int) -> torch.Tensor:  # (b,
     if factor == 1:
         return images
     new = box // factor
-    ft = rfft2_centered(images)[..., _crop_rows(box, new, images.device), : new // 2 + 1]
+    ft = rfft2_centered(images)[..., crop_rows(box, new, images.device), : new // 2 + 1]
     if new % 2 == 0:
         ft[..., new // 2, :] = 0
         ft[..., new // 2] = 0
@@ -294,7 +290,7 @@ def downsample_map(volume: torch.Tensor, factor: int) -> torch.Tensor:  # (n, n,
     if factor == 1:
         return volume
     new = box // factor
-    rows = _crop_rows(box, new, volume.device)
+    rows = crop_rows(box, new, volume.device)
     ft = rfftn_centered_3d(volume.to(torch.float32))[rows][:, rows][..., : new // 2 + 1]
     return irfftn_centered_3d(ft, new) / factor**3
 

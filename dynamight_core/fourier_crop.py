@@ -21,7 +21,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .fourier_grids import irfft2_centered, irfftn_centered_3d, rfft2_centered, rfftn_centered_3d
+from .fourier_grids import (
+    crop_rows,
+    irfft2_centered,
+    irfftn_centered_3d,
+    rfft2_centered,
+    rfftn_centered_3d,
+)
 from .particles import ParticleSet
 
 
@@ -33,7 +39,7 @@ def fourier_crop_images(images: torch.Tensor, new_box: int) -> torch.Tensor:  # 
         return images
     if not 2 <= new_box < box:
         raise ValueError(f"cannot crop box {box} to {new_box}")
-    rows = torch.round(torch.fft.fftfreq(new_box, device=images.device) * new_box).long() % box
+    rows = crop_rows(box, new_box, images.device)
     ft = rfft2_centered(images)[..., rows, : new_box // 2 + 1]
     if new_box % 2 == 0:
         ft[..., new_box // 2, :] = 0
@@ -73,7 +79,7 @@ def fourier_crop_volume(volume: torch.Tensor, new_box: int) -> torch.Tensor:  # 
         return volume
     if not 2 <= new_box < box:
         raise ValueError(f"cannot crop box {box} to {new_box}")
-    rows = torch.round(torch.fft.fftfreq(new_box, device=volume.device) * new_box).long() % box
+    rows = crop_rows(box, new_box, volume.device)
     ft = rfftn_centered_3d(volume.to(torch.float32))[rows][:, rows][..., : new_box // 2 + 1]
     if new_box % 2 == 0:
         ft[new_box // 2] = 0

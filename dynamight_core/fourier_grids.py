@@ -27,6 +27,12 @@ def radial_shell_index_3d_rfft(box_size: int, device=None) -> torch.Tensor:
     return torch.round(torch.sqrt(gz**2 + gy**2 + gx**2) * box_size).long()
 
 
+def crop_rows(box_size: int, new_box: int, device=None) -> torch.Tensor:
+    """Rows of a ``box_size`` unshifted (r)fft that hold the frequencies of a ``new_box`` one
+    (Fourier cropping)."""
+    return torch.round(torch.fft.fftfreq(new_box, device=device) * new_box).long() % box_size
+
+
 def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
     """``(..., h, w)`` real images centred at ``(h//2, w//2)`` -> unshifted rfft ``(..., h, w//2+1)``."""
     return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))

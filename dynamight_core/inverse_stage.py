@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from .deformation_model import DeformationModel
+from .distributed import HALVES
 from .fixed_point_inverse import FixedPointInverse
 from .inverse_network import InverseDeformationTrainer, InverseTrainerConfig
 from .inversion_error import ErrorSummary, inversion_errors
 
 logger = logging.getLogger(__name__)
 
-HALVES = (1, 2)
 
 
 class HalfCodes:
