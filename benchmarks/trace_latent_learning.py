@@ -85,6 +85,10 @@ def main(argv=None) -> None:
         for h in halves:
             t = trainers[h]
             t0 = time.time()
+            if t.needs_decoder_start:
+                t.start_decoder_from_modes(
+                    _batches(particles, t.train_indices, opts.batch_size, device),
+                    _batches(particles, t.known_indices, opts.batch_size, device))
             stats = t.train_epoch(_batches(particles, t.epoch_order(), opts.batch_size, device))
             elapsed = time.time() - t0
             residual = t.evaluate(_batches(particles, held[h], opts.batch_size, device))

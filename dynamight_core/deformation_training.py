@@ -196,6 +196,10 @@ class DeformationTraining:
             t0 = time.time()
             local = {}
             for half, trainer in self.trainers.items():
+                if trainer.needs_decoder_start:
+                    trainer.start_decoder_from_modes(
+                        self._batches(half, trainer.train_indices),
+                        self._batches(half, trainer.known_indices))
                 order = trainer.epoch_order()
                 local[half] = trainer.train_epoch(self._batches(half, order), order)
             warmup = bool(next(iter(local.values()))["warmup"])

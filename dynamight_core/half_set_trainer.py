@@ -82,6 +82,7 @@ from .latent_inference import (
     posterior_kl,
     sample_posterior,
 )
+from .motion_modes import default_cluster_count, fit_decoder_to_modes, motion_modes
 from .noise_model import RadialNoiseEstimate
 from .regularization import (
     build_neighbour_graph,
@@ -139,6 +140,9 @@ class TrainerConfig:
     decoder_precision: str = "float32"  # or "bfloat16" (autocast; see device.py)
     inference_steps: int = 5  # Gauss-Newton steps for a code inferred from the prior mean
     max_latent_step: float = 1.0  # longest Gauss-Newton step, latent units
+    # "motion-modes": before the first joint epoch the decoder is fitted to the half set's
+    # leading motion modes (:mod:`.motion_modes`); "zero": it starts outputting nothing
+    decoder_start: str = "zero"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -227,6 +231,45 @@ class HalfSetTrainer:
     def _set_trainable(self, warmup: bool) -> None:
         for p in self.model.decoder.parameters():
             p.requires_grad_(not warmup)
+
+    @property
+    def needs_decoder_start(self) -> bool:
+        """Whether the decoder is to be started from the motion modes now (before the first
+        joint epoch, :class:`TrainerConfig` ``decoder_start``)."""
+        return (self.config.decoder_start == "motion-modes"
+                and self.epoch == self.config.n_warmup_epochs)
+
+    def start_decoder_from_modes(self, batches: Iterable[Batch],
+                                 known_batches: Iterable[Batch]) -> dict:
+        """Fit the decoder to the leading motion modes of the training particles (``batches``
+        over them; :mod:`.motion_modes`) and start the stored codes of the particles of
+        ``known_batches`` (training and validation ones) at their posterior means along the
+        modes; returns a summary. Deterministic (its own generator from the seed), so a resumed
+        run repeats it."""
+        c = self.config
+        generator = torch.Generator(device=self.device).manual_seed(
+            c.seed * 1000 + self.half + 500)
+        self._set_trainable(False)
+        self.model.eval()
+        train = self.train_indices
+        fields, summary, coefficients = motion_modes(
+            self.model, batches, known_batches, self.pixel_weights, c.latent_dim,
+            default_cluster_count(train.shape[0]), self.model.decoder.movable_mask, generator,
+            self.group, is_training=lambda indices: np.isin(indices, train))
+        summary["fit_error"] = [round(fit_decoder_to_modes(self.model, fields, generator), 4)]
+        self.group.broadcast_module(self.model.decoder)
+        for indices, a, variance in coefficients:
+            rows, known = self._rows(indices)
+            # posterior mean of a unit-prior code given a ~ N(z, variance) at weight 1 / beta
+            codes = (a / (1.0 + c.beta * variance)).to(self.latents.dtype)
+            self.latents[rows[known]] = codes[known]
+            self._touch(rows[known])
+        self._sync_codes()
+        logger.info("half %d: decoder started from %d motion modes (generalised eigenvalues "
+                    "%s, noise about 1; amplitudes %s Å RMS; fit error %.3f)", self.half,
+                    c.latent_dim, summary["eigenvalues"], summary["amplitude_angstrom"],
+                    summary["fit_error"][0])
+        return summary
 
     # -- temporal prior -------------------------------------------------------------------
     def set_tracks(self, track: np.ndarray, time: np.ndarray,

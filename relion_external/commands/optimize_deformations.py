@@ -139,6 +139,11 @@ def add_args(p) -> None:
                    help="weight of the KL term (the prior) in each particle's latent posterior; "
                         "below 1 the posteriors are narrower and training learns faster at low "
                         "SNR (measured: README)")
+    p.add_argument("--decoder-start", choices=("motion-modes", "zero"), default="motion-modes",
+                   help="before the first joint epoch, fit the decoder to the half set's leading "
+                        "motion modes, found from the particles' gradients at the consensus "
+                        "(motion-modes: learns much faster at low SNR, benchmarks/RESULTS.md), "
+                        "or start it at zero displacement (zero, as the reference DynaMight)")
     p.add_argument("--learning-rate", type=float, default=3e-3,
                    help="Adam learning rate of the deformation decoder")
     p.add_argument("--project-directory", default=None,
@@ -195,6 +200,7 @@ def _trainer_config(args, particles, gaussians, device) -> TrainerConfig:
         regularization_rule=args.regularization_rule, beta=args.beta,
         consensus_update_interval=args.consensus_update_interval,
         learning_rate=args.learning_rate, seed=args.seed,
+        decoder_start=args.decoder_start,
         decoder_precision=resolve_decoder_precision(args.decoder_precision, device))
 
 
@@ -267,7 +273,8 @@ _CHECKPOINT_SETTINGS = (
     "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
     "regularization_rule", "training_box",
     "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
-    "n_map_fit_steps", "beta", "learning_rate", "decoder_precision", "temporal_prior")
+    "n_map_fit_steps", "beta", "learning_rate", "decoder_precision", "temporal_prior",
+    "decoder_start")
 
 
 def _warn_about_changed_settings(args, saved: dict, path) -> None:

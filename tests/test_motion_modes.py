@@ -1,0 +1,130 @@
+"""The decoder's start from the leading motion modes (dynamight_core.motion_modes).
+
+Truth: the generalised eigenproblem on a closed-form covariance; simulated particles of the
+hinged test structure with a known motion coordinate (the codes a started decoder gives must
+follow it, before any training); the same particles without motion (no mode may stand out of
+the noise: the phase-randomised gradients calibrate it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dynamight_core.deformation_model import make_batch
+from dynamight_core.gaussian_model import init_gaussians_from_map
+from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
+from dynamight_core.motion_modes import (
+    _rigid_directions,
+    cluster_basis,
+    default_cluster_count,
+    leading_modes,
+)
+from dynamight_core.particles import ParticleSet, TensorImageSource
+from dynamight_core.quality_scores import knn_r2
+from dynamight_core.simulation import (
+    consensus_map,
+    noise_sigma_for_snr,
+    plan_simulation,
+    simulate_images,
+)
+from dynamight_core.synthetic_structure import hinged_structure
+
+BOX, PIXEL, N_PARTICLES, N_GAUSSIANS, SNR = 32, 6.0, 800, 300, 0.05
+CPU = torch.device("cpu")
+
+
+def _dataset(moving: bool):
+    structure = hinged_structure(n_gaussians=400, seed=2)
+    plan = plan_simulation(N_PARTICLES, seed=2,
+                           motion_values=None if moving else torch.zeros(1))
+    moving_plan = plan_simulation(N_PARTICLES, seed=2)
+    sigma = noise_sigma_for_snr(structure, moving_plan, BOX, PIXEL, SNR)
+    plan = replace(plan, noise_sigma=sigma)
+    images = torch.cat([im for _, im in simulate_images(structure, plan, BOX, PIXEL, seed=2)])
+    particles = ParticleSet(images=TensorImageSource(images), rotations=plan.rotations.float(),
+                            shifts_angstrom=plan.shifts_angstrom.float(), ctf=plan.ctf,
+                            half_set=plan.half_set, pixel_size=PIXEL, box_size=BOX)
+    gaussians, _ = init_gaussians_from_map(consensus_map(structure, BOX, PIXEL), PIXEL,
+                                           N_GAUSSIANS, generator=torch.Generator().manual_seed(0))
+    return particles, gaussians, moving_plan.motion.numpy()
+
+
+def _started_trainer(particles, gaussians):
+    config = TrainerConfig(box_size=BOX, pixel_size=PIXEL, n_gaussians=N_GAUSSIANS,
+                           latent_dim=2, decoder_start="motion-modes", seed=1)
+    train = np.flatnonzero(particles.half_set.numpy() == 1)
+    trainer = HalfSetTrainer(1, config, gaussians, train, CPU)
+    trainer.initialise_noise([make_batch(particles, train[:200], CPU)])
+
+    def passes():
+        return (make_batch(particles, train[s:s + 100], CPU) for s in range(0, len(train), 100))
+
+    assert trainer.needs_decoder_start
+    summary = trainer.start_decoder_from_modes(passes(), passes())
+    return trainer, train, summary
+
+
+@pytest.fixture(scope="module")
+def moving():
+    return _dataset(True)
+
+
+def test_leading_modes_solve_the_generalised_eigenproblem_outside_rigid_motions():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 3, generator=g, dtype=torch.float64) * 10
+    rigid = _rigid_directions(centres)
+    assert torch.allclose(rigid.T @ rigid, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    dim = 18
+    a = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    noise = a @ a.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+    u = torch.randn(dim, generator=g, dtype=torch.float64)
+    u = u - rigid @ (rigid.T @ u)  # a motion that is not a rigid one
+    signal = noise + 4.0 * torch.outer(noise @ u, noise @ u) / (u @ noise @ u)
+    count = 1000.0
+    sums = {"data_outer": signal * count, "noise_outer": noise * count,
+            "data_sum": torch.zeros(dim, dtype=torch.float64),
+            "noise_sum": torch.zeros(dim, dtype=torch.float64)}
+    vectors, values = leading_modes(sums, count, 2, rigid)
+    # C u = (1 + 4) C_noise u: the leading generalised eigenvalue is 5, the rest 1
+    assert values[0].item() == pytest.approx(5.0, rel=1e-5)
+    assert values[1].item() == pytest.approx(1.0, abs=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(vectors[:, 0], u, dim=0).abs()
+    assert cosine.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cluster_basis_rows_are_soft_assignments_of_the_movable_gaussians():
+    positions = torch.randn(200, 3, generator=torch.Generator().manual_seed(1)) * 20
+    movable = positions[:, 0] > 0
+    basis, centres = cluster_basis(positions, 12, movable, torch.Generator().manual_seed(2))
+    assert basis.shape == (200, 12) and centres.shape == (12, 3)
+    assert torch.allclose(basis[movable].sum(1), torch.ones(int(movable.sum())), atol=1e-5)
+    assert (basis[~movable] == 0).all()
+    assert (centres[:, 0] > 0).all()  # centres of the movable Gaussians only
+    assert default_cluster_count(2700) == 50
+    assert default_cluster_count(100) == 16 and default_cluster_count(10**6) == 200
+
+
+def test_started_decoder_gives_codes_that_follow_the_motion_before_any_training(moving):
+    particles, gaussians, motion = moving
+    trainer, train, summary = _started_trainer(particles, gaussians)
+    print(summary)
+    # the leading mode stands far out of the noise (≈ 1); the fit reproduces the modes
+    assert summary["eigenvalues"][0] > 3.0
+    assert summary["fit_error"][0] < 0.2
+    # the stored codes start at the posterior means along the modes
+    codes = trainer.stored_latents(train).numpy()
+    r2 = knn_r2(codes, motion[train])
+    print("kNN R² of the motion from the started codes", r2)
+    assert r2 > 0.6
+
+
+def test_without_motion_no_mode_stands_out_of_the_noise():
+    particles, gaussians, _ = _dataset(False)
+    _, _, summary = _started_trainer(particles, gaussians)
+    print(summary)
+    # 400 particles, 3 K = 48 dimensions: Marchenko-Pastur edge (1 + sqrt(48 / 400))² ≈ 1.8
+    assert summary["eigenvalues"][0] < 2.2
