@@ -31,10 +31,14 @@ Schedule (epochs counted from 0):
 - afterwards: joint training of decoder and Gaussian parameters (positions included: the
   decoder is anchored at ``z = 0``, so the consensus positions are the conformation at the
   centre of the latent distribution and sharpen there, where the consensus map had the moving
-  parts blurred over their range of motion), latent codes inferred as above. (The freshly built
-  decoder outputs zero, so on the first joint epoch the decoder learns from draws of the prior:
-  random codes that break the symmetry; from then on inference and decoder sharpen each
-  other.)
+  parts blurred over their range of motion), latent codes inferred as above. Before the first
+  joint epoch, with ``decoder_start = "motion-modes"`` (the command's default), the decoder is
+  fitted to the half set's leading motion modes and the codes start at their posterior means
+  along them (:meth:`HalfSetTrainer.start_decoder_from_modes`, :mod:`.motion_modes`), so
+  training starts from a latent space that already carries the largest motions. With
+  ``"zero"`` the freshly built decoder outputs zero, so on the first joint epoch it learns from
+  draws of the prior (random codes that break the symmetry; from then on inference and decoder
+  sharpen each other; at low SNR this bootstrap takes tens of epochs).
 - λ (the regularisation weight) is set once per epoch, on the epoch's first batch, from the
   gradient-norm ratio of the data and regularisation terms over the decoder parameters times
   ``regularization_factor`` (:func:`gradient_norm_ratio_lambda`).
@@ -266,9 +270,9 @@ class HalfSetTrainer:
             self._touch(rows[known])
         self._sync_codes()
         logger.info("half %d: decoder started from %d motion modes (generalised eigenvalues "
-                    "%s, noise about 1; amplitudes %s Å RMS; fit error %.3f)", self.half,
-                    c.latent_dim, summary["eigenvalues"], summary["amplitude_angstrom"],
-                    summary["fit_error"][0])
+                    "%s, noise alone up to about %.2f; amplitudes %s Å RMS; fit error %.3f)",
+                    self.half, c.latent_dim, summary["eigenvalues"], summary["noise_edge"][0],
+                    summary["amplitude_angstrom"], summary["fit_error"][0])
         return summary
 
     # -- temporal prior -------------------------------------------------------------------
