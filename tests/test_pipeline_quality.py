@@ -11,9 +11,9 @@ Data: the ``clamp`` preset (two lobes moving 8-15 Å, about 320 residues at atom
 box 32, 3 Å/px, SNR 0.1 (over the box; per particle about as much signal as SNR 0.025 at box
 64), astigmatic CTFs, shifts; 3,000 particles. Training: the command's defaults except the
 number of Gaussians (1,500) and a budget of 30 epochs, for time (3 min on 2 CPU cores).
-Measured with these seeds (2026-11-27): kNN R² 0.865 / 0.864 (validation 0.862 / 0.859), 88%
-of the moving region's gap closed, static region +0.007, every costly shell closing 65-90% of
-its own gap. The thresholds leave room for that and are far above what the encoder version
+Measured with these seeds (2026-11-27, before the motion-mode start became the default): kNN R²
+0.865 / 0.864 (validation 0.862 / 0.859), 88% of the moving region's gap closed, static region
++0.007, every costly shell closing 65-90% of its own gap. The thresholds leave room for that and are far above what the encoder version
 reached on the same data (see benchmarks/RESULTS.md).
 """
 
