@@ -45,6 +45,42 @@ def setup_device(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def batches_of(particles, indices, batch_size: int, device: torch.device):
+    """``make_batch`` of ``indices`` in order, ``batch_size`` at a time."""
+    from dynamight_core.deformation_model import make_batch
+
+    for start in range(0, len(indices), batch_size):
+        yield make_batch(particles, indices[start:start + batch_size], device)
+
+
+def start_training(dataset: Path, command_args: list[str], device: torch.device):
+    """``optimize-deformations`` set up on a ``dynamight simulate`` folder exactly as the
+    command sets it up (its parser, so its defaults; ``command_args`` are its options), up to
+    the start of training: ``(options, particles, true motion per particle, training)``."""
+    import starfile
+
+    from dynamight_core.deformation_training import DeformationTraining
+    from relion_external.commands import optimize_deformations as command
+    from relion_external.particles_adapter import load_particle_set
+
+    parser = argparse.ArgumentParser()
+    command.add_args(parser)
+    opts = parser.parse_args([
+        "--refinement-star-file", str(dataset / "particles.star"),
+        "--initial-model", str(dataset / "consensus_map.mrc"),
+        "--output-directory", "/nonexistent", *command_args])
+    particles, _ = load_particle_set(opts.refinement_star_file, preload=True,
+                                     project_dir=opts.project_directory)
+    truth = starfile.read(dataset / "ground_truth" / "motion.star")
+    motion = (truth["particles"] if isinstance(truth, dict) else truth)["dmMotion"].to_numpy()
+    training = DeformationTraining(particles, device, command._schedule(opts),
+                                   command._settings(opts))
+    gaussians, movable = command._initial_gaussians(opts, particles)
+    training.start(gaussians, command._trainer_config(opts, particles, gaussians, device),
+                   movable=movable, validation_fraction=opts.validation_fraction, seed=opts.seed)
+    return opts, particles, motion, training
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, else what :mod:`platform` knows."""
     try:

@@ -17,17 +17,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import starfile
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from dynamight_core.deformation_model import make_batch
-from dynamight_core.deformation_training import DeformationTraining
+from _common import batches_of, start_training
+
 from dynamight_core.motion_modes import motion_modes
 from dynamight_core.quality_scores import knn_r2
-from relion_external.commands import optimize_deformations
-from relion_external.particles_adapter import load_particle_set
 
 
 def main(argv=None) -> None:
@@ -40,29 +38,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = argparse.ArgumentParser()
-    optimize_deformations.add_args(command)
-    opts = command.parse_args([
-        "--refinement-star-file", str(args.dataset / "particles.star"),
-        "--initial-model", str(args.dataset / "consensus_map.mrc"),
-        "--output-directory", "/nonexistent", "--n-gaussians", str(args.n_gaussians)])
     device = torch.device("cpu")
-    particles, _ = load_particle_set(opts.refinement_star_file, preload=True,
-                                     project_dir=opts.project_directory)
-    truth = starfile.read(args.dataset / "ground_truth" / "motion.star")
-    motion = (truth["particles"] if isinstance(truth, dict) else truth)["dmMotion"].to_numpy()
-    training = DeformationTraining(particles, device, optimize_deformations._schedule(opts),
-                                   optimize_deformations._settings(opts))
-    gaussians, movable = optimize_deformations._initial_gaussians(opts, particles)
-    training.start(gaussians, optimize_deformations._trainer_config(opts, particles, gaussians,
-                                                                     device),
-                   movable=movable, validation_fraction=opts.validation_fraction, seed=opts.seed)
+    _, particles, motion, training = start_training(
+        args.dataset, ["--n-gaussians", str(args.n_gaussians)], device)
+    movable = training.trainers[1].model.decoder.movable_mask
     trainer = training.trainers[1]
     train = trainer.train_indices
 
     def passes():
-        return (make_batch(particles, train[s:s + 100], device)
-                for s in range(0, len(train), 100))
+        return batches_of(particles, train, 100, device)
 
     for clusters in args.clusters:
         t0 = time.time()

@@ -24,21 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import starfile
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from dynamight_core.deformation_model import make_batch
-from dynamight_core.deformation_training import DeformationTraining
+from _common import batches_of as _batches
+from _common import start_training
+
 from dynamight_core.quality_scores import knn_r2
-from relion_external.commands import optimize_deformations
-from relion_external.particles_adapter import load_particle_set
-
-
-def _batches(particles, order, batch_size, device):
-    for start in range(0, len(order), batch_size):
-        yield make_batch(particles, order[start:start + batch_size], device)
 
 
 def main(argv=None) -> None:
@@ -54,24 +48,8 @@ def main(argv=None) -> None:
     args.command_args = argv[split + 1:]  # options of optimize-deformations
     torch.set_num_threads(args.threads)
 
-    command = argparse.ArgumentParser()
-    optimize_deformations.add_args(command)
-    opts = command.parse_args([
-        "--refinement-star-file", str(args.dataset / "particles.star"),
-        "--initial-model", str(args.dataset / "consensus_map.mrc"),
-        "--output-directory", "/nonexistent", *args.command_args])
     device = torch.device("cpu")
-    particles, _ = load_particle_set(opts.refinement_star_file, preload=True,
-                                     project_dir=opts.project_directory)
-    truth = starfile.read(args.dataset / "ground_truth" / "motion.star")
-    truth = truth["particles"] if isinstance(truth, dict) else truth
-    motion = truth["dmMotion"].to_numpy()
-    training = DeformationTraining(particles, device, optimize_deformations._schedule(opts),
-                                   optimize_deformations._settings(opts))
-    gaussians, movable = optimize_deformations._initial_gaussians(opts, particles)
-    training.start(gaussians, optimize_deformations._trainer_config(opts, particles, gaussians,
-                                                                     device),
-                   movable=movable, validation_fraction=opts.validation_fraction, seed=opts.seed)
+    opts, particles, motion, training = start_training(args.dataset, args.command_args, device)
     trainers, validation = training.trainers, training.validation
     halves = (1, 2) if args.both_halves else (1,)
 

@@ -121,11 +121,12 @@ def coefficient_gradients(model: DeformationModel, batch: Batch, pixel_weights: 
     positions = model.gaussians.positions.detach()
     expanded = positions[None].expand(len(batch), -1, -1).clone().requires_grad_(True)
     rendered = model.render(expanded, batch)
+    image_rfft = rfft2_centered(batch.images)
     with torch.no_grad():
-        residual = rfft2_centered(batch.images) - rendered
+        residual = image_rfft - rendered
         noise_image = rendered + residual * torch.polar(torch.ones_like(phases), phases)
     out = []
-    for image in (rfft2_centered(batch.images), noise_image):
+    for image in (image_rfft, noise_image):
         diff = rendered - image
         loss = 0.5 * (pixel_weights * (diff.real**2 + diff.imag**2)).sum()
         (gradient,) = torch.autograd.grad(loss, expanded, retain_graph=True)
@@ -231,8 +232,7 @@ def motion_modes(model: DeformationModel, batches: Iterable[Batch],
             use = torch.from_numpy(np.asarray(is_training(batch.indices))).to(a.device)
         a_used, var_used = a[use], var[use]
         moments += torch.stack([a_used.sum(0), (a_used**2).sum(0), var_used.sum(0),
-                                torch.full_like(a_used[0], float(a_used.shape[0]))
-                                if a_used.shape[0] else torch.zeros_like(a[0])])
+                                use.sum().to(dtype).expand(a.shape[1])])
     group.all_reduce(moments)
     n = moments[3].clamp_min(1.0)
     mean, second, noise_variance = moments[0] / n, moments[1] / n, moments[2] / n
