@@ -65,6 +65,14 @@ def energies(trainer, particles, indices, positions, batch_size, device) -> torc
     return torch.cat(out)
 
 
+def moved_by_truth(structure, consensus: torch.Tensor):
+    """``structure`` with the Gaussians ``consensus (n_g, 3)`` in place of its atoms, each in
+    the domain of its nearest atom, so that ``deformed_positions`` moves them by the true
+    motion."""
+    nearest = torch.cdist(consensus, structure.positions).argmin(1)
+    return dataclasses.replace(structure, positions=consensus, domain=structure.domain[nearest])
+
+
 def scores(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(direct R², kNN R²) of a posterior-mean estimate of ``truth`` (direct only in 1-D)."""
     direct = float("nan")
@@ -125,12 +133,11 @@ def main(argv=None) -> None:
 
     structure = protein_like_structure(args.preset)
     m_grid = torch.linspace(-1, 1, args.grid)
-    for label, consensus in (("learnt", trainer.model.gaussians.positions.detach()),
-                             ("initial", trainer.initial_positions)):
-        nearest = torch.cdist(consensus, structure.positions).argmin(1)
-        moved = dataclasses.replace(structure, positions=consensus,
-                                    domain=structure.domain[nearest])
-        e = energies(trainer, particles, rows, moved.deformed_positions(m_grid),
+    moved = {label: moved_by_truth(structure, consensus) for label, consensus in
+             (("learnt", trainer.model.gaussians.positions.detach()),
+              ("initial", trainer.initial_positions))}
+    for label in ("learnt", "initial"):
+        e = energies(trainer, particles, rows, moved[label].deformed_positions(m_grid),
                      opts.batch_size, device)
         estimate = torch.softmax(-e, 1).numpy() @ m_grid.numpy()
         direct, knn = scores(estimate, truth)
@@ -138,10 +145,8 @@ def main(argv=None) -> None:
               f"(direct {direct:.3f})")
 
     # the decoder's path against the true displacements
-    consensus = trainer.model.gaussians.positions.detach()
-    nearest = torch.cdist(consensus, structure.positions).argmin(1)
-    domain = structure.domain[nearest]
-    moved = dataclasses.replace(structure, positions=consensus, domain=domain)
+    learnt = moved["learnt"]
+    consensus, domain = learnt.positions, learnt.domain
     all_rows = trainer.known_indices
     all_codes, all_truth = trainer.stored_latents(all_rows).numpy(), motion[all_rows]
     edges = np.linspace(-1, 1, 11)
@@ -150,7 +155,7 @@ def main(argv=None) -> None:
     mean_codes = np.stack([all_codes[which == b].mean(0) for b in range(len(centres))])
     with torch.no_grad():
         path = trainer.model.displacements(torch.tensor(mean_codes, dtype=torch.float32))
-        true = moved.deformed_positions(torch.tensor(centres, dtype=torch.float32)) - consensus
+        true = learnt.deformed_positions(torch.tensor(centres, dtype=torch.float32)) - consensus
     moving = domain > 0
     diff = (path - true)[:, moving]
     diff = diff - diff.mean(0, keepdim=True)  # consensus vs the t = 0 state
