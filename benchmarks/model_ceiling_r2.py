@@ -15,8 +15,17 @@ scored by R² (direct, 1 - MSE / Var(m)) and by cross-validated kNN R² (k = 20)
    mean of m on a grid of ``--grid`` values under the same noise weights. No decoder can give
    codes that carry more about m than this model of the structure does.
 
-With ``benchmarks/oracle_r2.py`` (the true atoms and motion) this splits the shortfall of the
-codes into what the decoder loses and what the Gaussian model of the structure loses. It also
+4. **true atoms + true motion** in the run's own likelihood (its noise weights): the oracle of
+   ``benchmarks/oracle_r2.py`` on the same particles;
+5. with ``--fitted-to MAP`` (repeatable): Gaussians fitted to another map, as the command fits
+   them to the consensus (same number, seed and fit steps), moved by the true motion. ``MAP`` is
+   one map or two half maps ``HALF1,HALF2``, averaged with the FSC weighting of the benchmark's
+   consensus map (:func:`dynamight_core.fsc.fsc_weighted_average`): e.g. the true map of the
+   reference state (the representation's own limit), the motion-free or the deformed half maps
+   (how well the structure can be estimated from the particles).
+
+This splits the shortfall of the codes into what the decoder loses, what the estimate of the
+structure loses and what the Gaussian representation loses. It also
 prints the decoder's path: for bins of m, the mean code and the mean distance of the decoder's
 displacement at that code from the true displacement (moving domains, the mean offset between
 consensus and the t = 0 state removed).
@@ -25,6 +34,10 @@ Example (a run of the quality benchmark)::
 
     python benchmarks/model_ceiling_r2.py /tmp/grid6k/twist-hinge_snr0.05/data \\
         /tmp/grid6k/twist-hinge_snr0.05/modes --preset twist-hinge
+    D=/tmp/grid6k/twist-hinge_snr0.02
+    python benchmarks/model_ceiling_r2.py $D/data $D/modes --preset twist-hinge \\
+        --fitted-to $D/data/ground_truth/state_+0.00.mrc \\
+        --fitted-to $D/modes/backprojection/map_half1.mrc,$D/modes/backprojection/map_half2.mrc
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ from _common import batches_of, start_training
 
 from dynamight_core.checkpoint import load_checkpoint
 from dynamight_core.fourier_grids import rfft2_centered
+from dynamight_core.fsc import fsc_weighted_average
+from dynamight_core.gaussian_model import GaussianModel
 from dynamight_core.protein_like_structure import PRESETS, protein_like_structure
 from dynamight_core.quality_scores import knn_r2
 
@@ -73,6 +88,39 @@ def moved_by_truth(structure, consensus: torch.Tensor):
     return dataclasses.replace(structure, positions=consensus, domain=structure.domain[nearest])
 
 
+def fitted_gaussians(opts, particles, spec: str, target: Path) -> GaussianModel:
+    """Gaussians fitted, as the command fits the consensus, to ``spec``: one map, or two half
+    maps ``HALF1,HALF2`` averaged with the FSC weighting (written to ``target`` first)."""
+    from relion_external.commands import optimize_deformations as command
+    from relion_external.map_io import read_map, write_map
+
+    paths = spec.split(",")
+    if len(paths) == 2:
+        (half1, voxel), (half2, _) = read_map(paths[0]), read_map(paths[1])
+        write_map(target, fsc_weighted_average(half1, half2), voxel)
+        paths = [str(target)]
+    elif len(paths) != 1:
+        raise SystemExit(f"--fitted-to {spec}: one map or HALF1,HALF2")
+    fit_opts = argparse.Namespace(**vars(opts))
+    fit_opts.initial_model, fit_opts.mask_file = paths[0], None
+    return command._initial_gaussians(fit_opts, particles)[0]
+
+
+def posterior_mean_motion(trainer, particles, rows, structure, gaussians, m_grid, batch_size,
+                          device) -> np.ndarray:
+    """Posterior mean of the motion coordinate on ``m_grid`` with the trainer's Gaussians
+    replaced by ``gaussians`` moved by the true motion (restored afterwards)."""
+    own = trainer.model.gaussians
+    trainer.model.gaussians = gaussians
+    try:
+        positions = moved_by_truth(structure, gaussians.positions.detach())
+        e = energies(trainer, particles, rows, positions.deformed_positions(m_grid), batch_size,
+                     device)
+    finally:
+        trainer.model.gaussians = own
+    return torch.softmax(-e, 1).numpy() @ m_grid.numpy()
+
+
 def scores(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(direct R², kNN R²) of a posterior-mean estimate of ``truth`` (direct only in 1-D)."""
     direct = float("nan")
@@ -93,6 +141,11 @@ def main(argv=None) -> None:
                         help="codes along latent dimensions 1 and 2")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth",
                         help="file in the run's checkpoints folder")
+    parser.add_argument("--fitted-to", action="append", default=[], metavar="MAP[,MAP2]",
+                        help="also score Gaussians fitted to this map (or FSC-weighted average "
+                             "of these two half maps), moved by the true motion")
+    parser.add_argument("--work-directory", type=Path, default=Path("."),
+                        help="where --fitted-to writes its averaged maps")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -142,6 +195,19 @@ def main(argv=None) -> None:
         estimate = torch.softmax(-e, 1).numpy() @ m_grid.numpy()
         direct, knn = scores(estimate, truth)
         print(f"{label:7s} consensus + true motion           kNN R² {knn:.3f} "
+              f"(direct {direct:.3f})")
+    masses, classes = torch.unique(structure.masses, return_inverse=True)
+    atoms = GaussianModel(structure.positions,
+                          torch.full((masses.numel(),), structure.sigma_angstrom), masses, classes)
+    direct, knn = scores(posterior_mean_motion(trainer, particles, rows, structure, atoms,
+                                               m_grid, opts.batch_size, device), truth)
+    print(f"true atoms + true motion                 kNN R² {knn:.3f} (direct {direct:.3f})")
+    for i, spec in enumerate(args.fitted_to):
+        fitted = fitted_gaussians(opts, particles, spec,
+                                  args.work_directory / f"fitted_to_{i + 1}_average.mrc")
+        direct, knn = scores(posterior_mean_motion(trainer, particles, rows, structure, fitted,
+                                                   m_grid, opts.batch_size, device), truth)
+        print(f"fitted to {spec}\n        + true motion                    kNN R² {knn:.3f} "
               f"(direct {direct:.3f})")
 
     # the decoder's path against the true displacements
