@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, model_ceiling_r2
 
 from _common import batches_of, start_training
-from model_ceiling_r2 import energies, moved_by_truth
+from model_ceiling_r2 import energies, moved_by_truth, posterior_mean
 
 from dynamight_core.protein_like_structure import PRESETS, protein_like_structure
 from dynamight_core.quality_scores import knn_r2
@@ -77,7 +77,7 @@ def report(trainer, particles, rows, truth, structure, batch_size, device) -> st
     out = []
     for positions in (decoded, moved.deformed_positions(m_grid)):
         e = energies(trainer, particles, rows, positions, batch_size, device)
-        out.append(knn_r2(torch.softmax(-e, 1).numpy() @ m_grid.numpy(), truth))
+        out.append(knn_r2(posterior_mean(e, m_grid), truth))
     moving = moved.domain > 0
     diff = (path_d - true_d)[:, moving]
     diff = diff - diff[1:2]

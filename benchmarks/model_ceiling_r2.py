@@ -13,8 +13,7 @@ scored by R² (direct, 1 - MSE / Var(m)) and by cross-validated kNN R² (k = 20)
    (the Gaussians fitted to the consensus map, before training): the run's Gaussians moved by
    the simulation's own motion (each Gaussian in the domain of its nearest atom), the posterior
    mean of m on a grid of ``--grid`` values under the same noise weights. No decoder can give
-   codes that carry more about m than this model of the structure does.
-
+   codes that carry more about m than this model of the structure does;
 4. **true atoms + true motion** in the run's own likelihood (its noise weights): the oracle of
    ``benchmarks/oracle_r2.py`` on the same particles;
 5. with ``--fitted-to MAP`` (repeatable): Gaussians fitted to another map, as the command fits
@@ -25,10 +24,10 @@ scored by R² (direct, 1 - MSE / Var(m)) and by cross-validated kNN R² (k = 20)
    (how well the structure can be estimated from the particles).
 
 This splits the shortfall of the codes into what the decoder loses, what the estimate of the
-structure loses and what the Gaussian representation loses. It also
-prints the decoder's path: for bins of m, the mean code and the mean distance of the decoder's
-displacement at that code from the true displacement (moving domains, the mean offset between
-consensus and the t = 0 state removed).
+structure loses and what the Gaussian representation loses. It also prints the decoder's path:
+for bins of m, the mean code and the mean distance of the decoder's displacement at that code
+from the true displacement (moving domains, the mean offset between consensus and the t = 0
+state removed).
 
 Example (a run of the quality benchmark)::
 
@@ -80,6 +79,12 @@ def energies(trainer, particles, indices, positions, batch_size, device) -> torc
     return torch.cat(out)
 
 
+def posterior_mean(energy: torch.Tensor, grid: torch.Tensor) -> np.ndarray:
+    """Posterior mean over ``grid`` (G,) or (G, d) given ``energy`` (n, G) = -log posterior up
+    to a constant per row: (n,) or (n, d)."""
+    return torch.softmax(-energy, 1).numpy() @ grid.numpy()
+
+
 def moved_by_truth(structure, consensus: torch.Tensor):
     """``structure`` with the Gaussians ``consensus (n_g, 3)`` in place of its atoms, each in
     the domain of its nearest atom, so that ``deformed_positions`` moves them by the true
@@ -118,7 +123,7 @@ def posterior_mean_motion(trainer, particles, rows, structure, gaussians, m_grid
                      device)
     finally:
         trainer.model.gaussians = own
-    return torch.softmax(-e, 1).numpy() @ m_grid.numpy()
+    return posterior_mean(e, m_grid)
 
 
 def scores(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -181,7 +186,7 @@ def main(argv=None) -> None:
                          + trainer.model.displacements(grid))
         e = energies(trainer, particles, rows, positions, opts.batch_size, device) / beta
         e = e + 0.5 * (grid.double() ** 2).sum(-1)[None]
-        mean = torch.softmax(-e, 1).numpy() @ grid.numpy()
+        mean = posterior_mean(e, grid)
         print(f"learnt decoder, grid posterior mean      kNN R² {knn_r2(mean, truth):.3f}")
 
     structure = protein_like_structure(args.preset)
@@ -192,8 +197,7 @@ def main(argv=None) -> None:
     for label in ("learnt", "initial"):
         e = energies(trainer, particles, rows, moved[label].deformed_positions(m_grid),
                      opts.batch_size, device)
-        estimate = torch.softmax(-e, 1).numpy() @ m_grid.numpy()
-        direct, knn = scores(estimate, truth)
+        direct, knn = scores(posterior_mean(e, m_grid), truth)
         print(f"{label:7s} consensus + true motion           kNN R² {knn:.3f} "
               f"(direct {direct:.3f})")
     masses, classes = torch.unique(structure.masses, return_inverse=True)
