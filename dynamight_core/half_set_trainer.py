@@ -328,8 +328,16 @@ class HalfSetTrainer:
         rows = np.minimum(rows, max(self.known_indices.shape[0] - 1, 0))
         known = (self.known_indices[rows] == indices) if self.known_indices.size else \
             np.zeros(indices.shape[0], dtype=bool)
-        return (torch.from_numpy(rows).to(self.device),
-                torch.from_numpy(known).to(self.device))
+        return self._to_device(rows), self._to_device(known)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without a GPU synchronisation: a copy from pageable
+        memory makes CUDA wait for the stream first (once per batch here), so on a GPU it goes
+        through page-locked memory, asynchronously."""
+        tensor = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def infer(self, batch: Batch, n_steps: int = 1, *, store: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:  # mean (b, d), precision (b, d, d)
