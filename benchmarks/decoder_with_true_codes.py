@@ -98,6 +98,11 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--n-particles", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-states", type=int, nargs="*", default=[], metavar="EPOCH",
+                        help="save half 1's trainer state after these epochs, as "
+                             "PREFIX_EPOCH.pth (for heldout_evidence.py)")
+    parser.add_argument("--state-prefix", default="true_codes",
+                        help="path prefix of the saved states (default: ./true_codes)")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -126,6 +131,8 @@ def main(argv=None) -> None:
                         motion[trainer.train_indices])
             line += f": codes kNN R² {r2:.3f}"
         print(line, flush=True)
+        if epoch in args.save_states:
+            torch.save(trainer.state_dict(), f"{args.state_prefix}_{epoch}.pth")
         if epoch % args.every == 0 or epoch == args.epochs:
             print("          " + report(trainer, particles, rows, motion[rows], structure,
                                         opts.batch_size, device), flush=True)

@@ -42,6 +42,11 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--both-halves", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-states", type=int, nargs="*", default=[], metavar="EPOCH",
+                        help="save half 1's trainer state after these epochs, as "
+                             "PREFIX_EPOCH.pth (for heldout_evidence.py)")
+    parser.add_argument("--state-prefix", default="trace",
+                        help="path prefix of the saved states (default: ./trace)")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -79,6 +84,8 @@ def main(argv=None) -> None:
                   f"{stats['regularization_weight']:9.3g} {residual:12.7g} "
                   f"{float(mu_t.std(0).mean()):7.3f} {r2_t:8.3f} {r2_v:6.3f} {elapsed:8.1f}",
                   flush=True)
+        if epoch in args.save_states:
+            torch.save(trainers[1].state_dict(), f"{args.state_prefix}_{epoch}.pth")
 
 
 if __name__ == "__main__":
