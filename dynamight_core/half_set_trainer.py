@@ -86,7 +86,13 @@ from .latent_inference import (
     posterior_kl,
     sample_posterior,
 )
-from .motion_modes import default_cluster_count, fit_decoder_to_modes, motion_modes
+from .motion_modes import (
+    MODE_SIGNIFICANCE,
+    default_cluster_count,
+    fit_decoder_to_modes,
+    motion_modes,
+    significant_modes,
+)
 from .noise_model import RadialNoiseEstimate
 from .regularization import (
     build_neighbour_graph,
@@ -184,6 +190,9 @@ class HalfSetTrainer:
         self.latents = torch.zeros(self.known_indices.shape[0], c.latent_dim,
                                    device=self.device)
         self.final_latents: torch.Tensor | None = None  # see finalise_latents
+        # latent dimensions in use: one whose motion mode is within the noise sees no data
+        # (its code stays at the prior mean 0; start_decoder_from_modes decides)
+        self.active_dims = torch.ones(c.latent_dim, dtype=torch.bool, device=self.device)
         self.model.decoder_dtype = {"float32": torch.float32,
                                     "bfloat16": torch.bfloat16}[c.decoder_precision]
         if c.repulsion_distance <= 0:
@@ -263,6 +272,14 @@ class HalfSetTrainer:
         # the fit costs about as much as an epoch over min(n, 2,000) particles would: a start
         # that small datasets (tests, tiny jobs) do not wait for; from 2,000 training particles
         # on (the benchmark's 2,700) it is the measured 2,000 steps
+        # a latent dimension whose mode is within the noise is not used: decoder output and
+        # codes 0 along it, and no data reaches its code (started from noise, at beta < 1 it
+        # learnt a deformation the particles do not have; benchmarks/RESULTS.md)
+        keep = torch.tensor(significant_modes(summary["eigenvalues"], summary["noise_edge"][0]),
+                            device=fields.device)
+        self.active_dims = keep.clone()
+        fields = fields * keep[:, None, None].to(fields.dtype)
+        summary["started"] = [float(k) for k in keep.tolist()]
         steps = int(min(2000, max(200, train.shape[0])))
         summary["fit_error"] = [round(fit_decoder_to_modes(self.model, fields, generator,
                                                            n_steps=steps), 4)]
@@ -270,13 +287,16 @@ class HalfSetTrainer:
         for indices, a, variance in coefficients:
             rows, known = self._rows(indices)
             # posterior mean of a unit-prior code given a ~ N(z, variance) at weight 1 / beta
-            codes = (a / (1.0 + c.beta * variance)).to(self.latents.dtype)
+            codes = (a / (1.0 + c.beta * variance)).to(self.latents.dtype) * keep
             self.latents[rows[known]] = codes[known]
             self._touch(rows[known])
         self._sync_codes()
-        logger.info("half %d: decoder started from %d motion modes (generalised eigenvalues "
-                    "%s, noise alone up to about %.2f; amplitudes %s Å RMS; fit error %.3f)",
-                    self.half, c.latent_dim, summary["eigenvalues"], summary["noise_edge"][0],
+        logger.info("half %d: decoder started from %d of %d motion modes (generalised "
+                    "eigenvalues %s; noise alone up to about %.2f; a latent dimension beyond "
+                    "the first is used only if its mode is above %.2f; amplitudes %s Å RMS; "
+                    "fit error %.3f)",
+                    self.half, int(keep.sum()), c.latent_dim, summary["eigenvalues"],
+                    summary["noise_edge"][0], MODE_SIGNIFICANCE * summary["noise_edge"][0],
                     summary["amplitude_angstrom"], summary["fit_error"][0])
         return summary
 
@@ -352,7 +372,7 @@ class HalfSetTrainer:
         mean, precision = infer_latents(
             lambda z: self.model.linearise(batch, z), z0, rfft2_centered(batch.images),
             self.pixel_weights, steps, beta=c.beta, max_step=c.max_latent_step,
-            prior=self._prior(rows, known))
+            prior=self._prior(rows, known), active=self.active_dims)
         if store and bool(known.any()):
             self.latents[rows[known]] = mean[known]
             self._touch(rows[known])
@@ -529,7 +549,8 @@ class HalfSetTrainer:
                 noise = torch.randn((batch.global_size, mean.shape[-1]),
                                     generator=self.sample_generator, device=mean.device,
                                     dtype=mean.dtype)[batch.offset:batch.offset + len(batch)]
-                z = sample_posterior(mean, precision, noise=noise)
+                # a dimension not in use carries nothing: its draw is 0 too
+                z = sample_posterior(mean, precision, noise=noise) * self.active_dims
         with record_function("dm::forward"):
             out = self.model(batch) if warmup else self.model(batch, z)
         with record_function("dm::loss"):
@@ -551,7 +572,8 @@ class HalfSetTrainer:
         prior = self._prior(rows)
         model, jacobian = self.model.linearise(batch, z)
         descent, precision = gauss_newton_system(model, jacobian, z, rfft2_centered(batch.images),
-                                                 self.pixel_weights, self.config.beta, prior)
+                                                 self.pixel_weights, self.config.beta, prior,
+                                                 self.active_dims)
         mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)
         self.latents[rows] = mean
         self._touch(rows)
@@ -642,6 +664,7 @@ class HalfSetTrainer:
             "sample_rng": self.sample_generator.get_state(),
             "regularization_weight": self.regularization_weight,
             "initial_positions": self.initial_positions.cpu(),
+            "active_dims": self.active_dims.cpu(),
             **({} if self.temporal is None else {"temporal": {
                 "track": torch.from_numpy(self._tracks[0]),
                 "time": torch.from_numpy(self._tracks[1]),
@@ -676,6 +699,9 @@ class HalfSetTrainer:
         self.regularization_weight = float(state["regularization_weight"])
         # a copy: the halves' checkpoint may hold one tensor for both (same initial model)
         self.initial_positions = state["initial_positions"].to(self.device, copy=True)
+        active = state.get("active_dims")  # absent before: every dimension in use
+        self.active_dims = (torch.ones(self.config.latent_dim, dtype=torch.bool)
+                            if active is None else active.to(torch.bool)).to(self.device)
         temporal = state.get("temporal")
         if temporal is None:
             self.temporal, self._tracks, self.latent_precision = None, None, None

@@ -103,15 +103,22 @@ def gauss_newton_system(
     pixel_weights: torch.Tensor,  # (h, w) likelihood_pixel_weights
     beta: float = 1.0,
     prior: Prior = None,
+    active: torch.Tensor | None = None,  # (d,) bool: dimensions in use (default all)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # -grad E (b, d), precision H (b, d, d)
     """The Gauss-Newton system of ``E`` at ``z`` (module docstring): the descent direction
     ``Jᴴ W r / beta - p (z - m)`` and ``H = Re(Jᴴ W J) / beta + p I`` (``m = 0, p = 1``
-    without a ``prior``)."""
+    without a ``prior``). A dimension not ``active`` sees no data: the prior alone, so its
+    code goes to the prior mean and its posterior is the prior."""
     eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     offset, p = _prior_terms(z, prior)
     residual = image_rfft - model
-    descent = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta - p * offset
+    data = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta
     precision = _weighted_inner(jacobian[:, :, None], jacobian[:, None], pixel_weights) / beta
+    if active is not None:
+        use = active.to(device=z.device, dtype=z.dtype)
+        data = data * use
+        precision = precision * (use[:, None] * use[None, :])
+    descent = data - p * offset
     return descent, 0.5 * (precision + precision.transpose(-1, -2)) + p[..., None] * eye
 
 
@@ -143,18 +150,19 @@ def infer_latents(
     beta: float = 1.0,
     max_step: float = 1.0,
     prior: Prior = None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # mean (b, d), precision (b, d, d)
     """``n_steps`` (≥ 1) damped Gauss-Newton steps from ``z0`` (Levenberg-Marquardt: a step
     that does not lower ``E`` is not taken and the next one is damped, ``H + λ diag H``):
     the posterior mean and the precision ``H`` at it. One linearisation per step, plus one at
-    the start."""
+    the start. ``active``: as in :func:`gauss_newton_system`."""
     z = z0
     model, jacobian = linearise(z)
     energy = _energy(model, image_rfft, pixel_weights, z, beta, prior)
     damping = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     for _ in range(max(1, int(n_steps))):
         descent, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights,
-                                                 beta, prior)
+                                                 beta, prior, active)
         trial = gauss_newton_step(z, descent, precision, max_step, damping)
         trial_model, trial_jacobian = linearise(trial)
         trial_energy = _energy(trial_model, image_rfft, pixel_weights, trial, beta, prior)
@@ -165,7 +173,7 @@ def infer_latents(
         energy = torch.where(better, trial_energy, energy)
         damping = torch.where(better, 0.1 * damping, torch.clamp(10.0 * damping, min=0.1))
     _, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights, beta,
-                                       prior)
+                                       prior, active)
     return z, precision
 
 

@@ -103,6 +103,21 @@ def noise_edge(dimensions: int, n_particles: int) -> float:
     return float(((1 + math.sqrt(1 - (1 - y) ** 2)) / (1 - y)) ** 2)
 
 
+MODE_SIGNIFICANCE = 1.1
+"""A mode after the leading one starts a latent dimension only if its eigenvalue exceeds
+``MODE_SIGNIFICANCE`` times :func:`noise_edge` (noise alone reaches 1.03 times the edge on the
+benchmark's datasets without motion)."""
+
+
+def significant_modes(eigenvalues: list[float], edge: float,
+                      factor: float | None = None) -> list[bool]:
+    """Which modes start a latent dimension: the leading one always (the start needs a
+    direction; a dataset without motion then learns a small one), every further one only if
+    its eigenvalue is above ``factor`` (default :data:`MODE_SIGNIFICANCE`) times ``edge``."""
+    factor = MODE_SIGNIFICANCE if factor is None else factor
+    return [k == 0 or value > factor * edge for k, value in enumerate(eigenvalues)]
+
+
 def _batch_phases(batch: Batch, box: int, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:  # (len(batch), box, box // 2 + 1)
     """Random phases for the rows of ``batch``, drawn for the whole batch (data parallel:
@@ -287,4 +302,5 @@ def fit_decoder_to_modes(model: DeformationModel, fields: torch.Tensor,  # (d, n
 
 
 __all__ = ["cluster_basis", "coefficient_gradients", "default_cluster_count",
-           "fit_decoder_to_modes", "leading_modes", "mode_coefficients", "motion_modes", "noise_edge"]
+           "fit_decoder_to_modes", "leading_modes", "mode_coefficients", "motion_modes", "noise_edge",
+           "significant_modes"]

@@ -84,6 +84,21 @@ def test_a_per_particle_prior_gives_the_exact_posterior_of_that_prior():
     torch.testing.assert_close(h, prior_precision[:, None, None] * torch.eye(D))
 
 
+def test_a_dimension_not_in_use_sees_no_data_and_the_others_the_reduced_problem():
+    render, image, weights, _, _ = _linear_problem(seed=4, beta=0.5)
+    active = torch.tensor([True, False])
+    z, h = infer(render, torch.full((B, D), 0.4), image, weights, 3, beta=0.5, max_step=1e9,
+                 active=active)
+    # the same particles with the renderer of the first dimension alone
+    reduced, h1 = infer(lambda u: render(torch.cat([u, torch.zeros_like(u)], 1)),
+                        torch.full((B, 1), 0.4), image, weights, 3, beta=0.5, max_step=1e9)
+    torch.testing.assert_close(z[:, :1], reduced, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h[:, :1, :1], h1, rtol=1e-4, atol=1e-4)
+    # the unused dimension: prior mean and prior precision, uncoupled
+    torch.testing.assert_close(z[:, 1], torch.zeros(B), rtol=0, atol=1e-6)
+    torch.testing.assert_close(h[:, 1], torch.eye(D)[1].expand(B, D))
+
+
 def test_later_steps_stay_at_the_optimum_and_steps_are_capped():
     render, image, weights, mean, _ = _linear_problem(seed=1)
     z, _ = infer(render, torch.zeros(B, D), image, weights, 3, max_step=1e9)
