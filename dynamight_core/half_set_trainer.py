@@ -35,7 +35,10 @@ Schedule (epochs counted from 0):
   joint epoch, with ``decoder_start = "motion-modes"`` (the command's default), the decoder is
   fitted to the half set's leading motion modes and the codes start at their posterior means
   along them (:meth:`HalfSetTrainer.start_decoder_from_modes`, :mod:`.motion_modes`), so
-  training starts from a latent space that already carries the largest motions. With
+  training starts from a latent space that already carries the largest motions. A dimension
+  beyond the first whose mode is within the noise (:func:`.motion_modes.significant_modes`) is
+  not used for the rest of the run: its code sees no data (``active_dims``), stays 0 and its
+  draws are 0. With
   ``"zero"`` the freshly built decoder outputs zero, so on the first joint epoch it learns from
   draws of the prior (random codes that break the symmetry; from then on inference and decoder
   sharpen each other; at low SNR this bootstrap takes tens of epochs).
@@ -269,9 +272,6 @@ class HalfSetTrainer:
             self.model, batches, known_batches, self.pixel_weights, c.latent_dim,
             default_cluster_count(train.shape[0]), self.model.decoder.movable_mask, generator,
             self.group, is_training=lambda indices: np.isin(indices, train))
-        # the fit costs about as much as an epoch over min(n, 2,000) particles would: a start
-        # that small datasets (tests, tiny jobs) do not wait for; from 2,000 training particles
-        # on (the benchmark's 2,700) it is the measured 2,000 steps
         # a latent dimension whose mode is within the noise is not used: decoder output and
         # codes 0 along it, and no data reaches its code (started from noise, at beta < 1 it
         # learnt a deformation the particles do not have; benchmarks/RESULTS.md)
@@ -280,6 +280,9 @@ class HalfSetTrainer:
         self.active_dims = keep.clone()
         fields = fields * keep[:, None, None].to(fields.dtype)
         summary["started"] = [float(k) for k in keep.tolist()]
+        # the fit costs about as much as an epoch over min(n, 2,000) particles would: a start
+        # that small datasets (tests, tiny jobs) do not wait for; from 2,000 training particles
+        # on (the benchmark's 2,700) it is the measured 2,000 steps
         steps = int(min(2000, max(200, train.shape[0])))
         summary["fit_error"] = [round(fit_decoder_to_modes(self.model, fields, generator,
                                                            n_steps=steps), 4)]
