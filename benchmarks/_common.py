@@ -81,6 +81,22 @@ def start_training(dataset: Path, command_args: list[str], device: torch.device)
     return opts, particles, motion, training
 
 
+def add_save_states_args(parser: argparse.ArgumentParser, default_prefix: str) -> None:
+    """``--save-states EPOCH...`` and ``--state-prefix`` (see :func:`save_state`)."""
+    parser.add_argument("--save-states", type=int, nargs="*", default=[], metavar="EPOCH",
+                        help="save half 1's trainer state after these epochs, as "
+                             "PREFIX_EPOCH.pth (for heldout_evidence.py)")
+    parser.add_argument("--state-prefix", default=default_prefix,
+                        help=f"path prefix of the saved states (default: ./{default_prefix})")
+
+
+def save_state(trainer, args: argparse.Namespace, epoch: int) -> None:
+    """Save ``trainer``'s state as ``PREFIX_EPOCH.pth`` if ``epoch`` is one of
+    ``--save-states``."""
+    if epoch in args.save_states:
+        torch.save(trainer.state_dict(), f"{args.state_prefix}_{epoch}.pth")
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, else what :mod:`platform` knows."""
     try:

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, model_ceiling_r2
 
-from _common import batches_of, start_training
+from _common import add_save_states_args, batches_of, save_state, start_training
 from model_ceiling_r2 import energies, moved_by_truth, posterior_mean
 
 from dynamight_core.protein_like_structure import PRESETS, protein_like_structure
@@ -98,11 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--n-particles", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save-states", type=int, nargs="*", default=[], metavar="EPOCH",
-                        help="save half 1's trainer state after these epochs, as "
-                             "PREFIX_EPOCH.pth (for heldout_evidence.py)")
-    parser.add_argument("--state-prefix", default="true_codes",
-                        help="path prefix of the saved states (default: ./true_codes)")
+    add_save_states_args(parser, "true_codes")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -131,8 +127,7 @@ def main(argv=None) -> None:
                         motion[trainer.train_indices])
             line += f": codes kNN R² {r2:.3f}"
         print(line, flush=True)
-        if epoch in args.save_states:
-            torch.save(trainer.state_dict(), f"{args.state_prefix}_{epoch}.pth")
+        save_state(trainer, args, epoch)
         if epoch % args.every == 0 or epoch == args.epochs:
             print("          " + report(trainer, particles, rows, motion[rows], structure,
                                         opts.batch_size, device), flush=True)

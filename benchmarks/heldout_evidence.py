@@ -54,7 +54,7 @@ from dynamight_core.quality_scores import knn_r2
 
 def load_trainer(path: Path, device: torch.device) -> HalfSetTrainer:
     """Half set 1's trainer from a run checkpoint or a saved trainer state."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=True)
     if "halves" in state:
         state = state["halves"]["1"]
     return HalfSetTrainer.from_state_dict(state, device)

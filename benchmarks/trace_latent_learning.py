@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
+from _common import add_save_states_args, save_state, start_training
 from _common import batches_of as _batches
-from _common import start_training
 
 from dynamight_core.quality_scores import knn_r2
 
@@ -42,11 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--both-halves", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save-states", type=int, nargs="*", default=[], metavar="EPOCH",
-                        help="save half 1's trainer state after these epochs, as "
-                             "PREFIX_EPOCH.pth (for heldout_evidence.py)")
-    parser.add_argument("--state-prefix", default="trace",
-                        help="path prefix of the saved states (default: ./trace)")
+    add_save_states_args(parser, "trace")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -84,8 +80,7 @@ def main(argv=None) -> None:
                   f"{stats['regularization_weight']:9.3g} {residual:12.7g} "
                   f"{float(mu_t.std(0).mean()):7.3f} {r2_t:8.3f} {r2_v:6.3f} {elapsed:8.1f}",
                   flush=True)
-        if epoch in args.save_states:
-            torch.save(trainers[1].state_dict(), f"{args.state_prefix}_{epoch}.pth")
+        save_state(trainers[1], args, epoch)
 
 
 if __name__ == "__main__":

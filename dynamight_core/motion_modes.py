@@ -110,11 +110,10 @@ benchmark's datasets without motion)."""
 
 
 def significant_modes(eigenvalues: list[float], edge: float,
-                      factor: float | None = None) -> list[bool]:
+                      factor: float = MODE_SIGNIFICANCE) -> list[bool]:
     """Which modes start a latent dimension: the leading one always (the start needs a
     direction; a dataset without motion then learns a small one), every further one only if
-    its eigenvalue is above ``factor`` (default :data:`MODE_SIGNIFICANCE`) times ``edge``."""
-    factor = MODE_SIGNIFICANCE if factor is None else factor
+    its eigenvalue is above ``factor`` times ``edge``."""
     return [k == 0 or value > factor * edge for k, value in enumerate(eigenvalues)]
 
 
