@@ -60,6 +60,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-particles", type=int, default=200)
     parser.add_argument("--n-gaussians", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--n-latent-dimensions", type=int, default=2)
+    parser.add_argument("--n-linear-layers", type=int, default=2)
     args = parser.parse_args(argv)
     pixel_size = args.pixel_size or 192.0 / args.box
     device = torch.device("cpu")
@@ -68,7 +70,9 @@ def main(argv=None) -> None:
     gaussians, _ = init_gaussians_from_map(volume, pixel_size, args.n_gaussians, None, 1,
                                            torch.Generator().manual_seed(0))
     config = TrainerConfig(box_size=args.box, pixel_size=pixel_size,
-                           n_gaussians=gaussians.n_gaussians, decoder_precision="float32")
+                           n_gaussians=gaussians.n_gaussians, decoder_precision="float32",
+                           latent_dim=args.n_latent_dimensions,
+                           n_linear_layers=args.n_linear_layers)
     trainer = HalfSetTrainer(1, config, gaussians, np.arange(args.n_particles), device)
     every = np.arange(args.n_particles)
     trainer.initialise_noise(bench._batches(particles, every, args.batch_size, device))

@@ -162,19 +162,25 @@ def simulate_images(structure: MovingStructure, plan: SimulationPlan, box: int,
 
 
 def render_state(structure: MovingStructure, motion: float, box: int,
-                 pixel_size: float) -> torch.Tensor:
-    """Ground-truth map ``(box, box, box)`` of the structure at one motion value."""
-    positions = structure.deformed_positions(torch.tensor([motion]))[0]
-    return render_gaussians_3d(positions, torch.tensor([structure.sigma_angstrom]),
-                               structure.masses, torch.zeros(positions.shape[0], dtype=torch.long),
-                               box, pixel_size)
+                 pixel_size: float, device: torch.device | None = None) -> torch.Tensor:
+    """Ground-truth map ``(box, box, box)`` of the structure at one motion value, rendered on
+    ``device`` (default: the CPU) and returned on the CPU."""
+    positions = structure.deformed_positions(torch.tensor([motion]))[0].to(device)
+    return render_gaussians_3d(positions,
+                               torch.tensor([structure.sigma_angstrom], device=positions.device),
+                               structure.masses.to(positions.device),
+                               torch.zeros(positions.shape[0], dtype=torch.long,
+                                           device=positions.device),
+                               box, pixel_size).cpu()
 
 
 def consensus_map(structure: MovingStructure, box: int, pixel_size: float,
-                  n_states: int = 21) -> torch.Tensor:
-    """What a consensus refinement of uniformly distributed motion sees: the average state."""
+                  n_states: int = 21, device: torch.device | None = None) -> torch.Tensor:
+    """What a consensus refinement of uniformly distributed motion sees: the average state
+    (rendered on ``device``, default the CPU; returned on the CPU)."""
     states = torch.linspace(-1, 1, n_states)
-    return sum(render_state(structure, float(t), box, pixel_size) for t in states) / n_states
+    return sum(render_state(structure, float(t), box, pixel_size, device)
+               for t in states) / n_states
 
 
 def soft_mask(volume: torch.Tensor, threshold: float, extend_px: int = 3,
