@@ -66,12 +66,16 @@ def project_gaussians_rfft(
         positions = positions.expand(b, -1, -1)
     rotated = torch.einsum("bij,bnj->bni", rotations.to(positions.dtype), positions)
     fine = box_size * oversampling
-    xy_fine = rotated[..., :2] / pixel_size * oversampling + fine // 2
+    # the box centre at index 0 of the periodic grid: the splat is the ifftshift of a
+    # centred splat, and the rfft2 needs no shift
+    xy_fine = rotated[..., :2] / pixel_size * oversampling
     n_classes = sigmas.shape[0]
     grid = splat_bilinear_2d(xy_fine, masses, class_index, n_classes, fine)
-    ft = torch.fft.rfft2(torch.fft.ifftshift(grid, dim=(-2, -1)))
-    rows = _fine_grid_rows(box_size, fine, positions.device)
-    ft = ft[..., rows, : box_size // 2 + 1]  # (b, c, box, box//2+1)
+    ft = torch.fft.rfft2(grid)
+    # the rows of _fine_grid_rows as two slices (an index tensor's gradient sorts on a GPU)
+    half, negative = box_size // 2 + 1, box_size // 2
+    ft = torch.cat([ft[..., : box_size - negative, :half], ft[..., fine - negative:, :half]],
+                   dim=-2)  # (b, c, box, box//2+1)
     k = fftfreq_grid_2d_rfft(box_size, positions.device)  # cycles per coarse pixel
     splat_kernel = (torch.sinc(k[..., 0] / oversampling) * torch.sinc(k[..., 1] / oversampling)) ** 2
     k2 = (k * k).sum(-1) / pixel_size**2  # (cycles per Å)²

@@ -79,8 +79,11 @@ def _edge_lengths(
     deformed: torch.Tensor,  # (b, n, 3)
     pairs: torch.Tensor,  # (E, 2) long
 ) -> torch.Tensor:  # (b, E)
-    pairs = pairs.to(deformed.device)
-    difference = deformed[:, pairs[:, 0]] - deformed[:, pairs[:, 1]]
+    ends = torch.index_select(deformed, 1, pairs.to(deformed.device).reshape(-1))
+    ends = ends.view(deformed.shape[0], -1, 2, 3)
+    # index_select's gradient is a scatter-add; plain indexing's (index_put with accumulate)
+    # sorts the indices on a GPU: 7.5 of 112 ms per training step there
+    difference = ends[:, :, 0] - ends[:, :, 1]
     # tiny offset (1e-12 Å²) keeps the gradient finite if two points coincide
     return torch.sqrt((difference**2).sum(dim=-1) + 1e-12)
 
