@@ -17,7 +17,8 @@ every output, carried through the layers with the primal pass (forward-mode by h
     ∂out/∂z_k = W_out t_{L,k}           with ELU'(a) = min(ELU(a), 0) + 1
 
 They cost about one matrix product per layer and latent dimension, reuse the primal's
-activations, are computed without autograd and follow the autocast precision of the pass.
+activations, are computed without autograd and follow the autocast precision of the pass. On a
+CUDA device with Triton the whole chain runs as one kernel (:mod:`._tangent_kernel`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ._tangent_kernel import fused_tangents_usable, latent_tangents
 from .positional_encoding import encoding_dim, normalise_positions, positional_encoding
 
 
@@ -91,29 +93,45 @@ class LatentConditionedMLP(nn.Module):
         x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
         position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # (m, w)
         latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
-        pre = position_term + latent_term
-        h = self.activation(pre)  # (b, m, w)
+        h = self.activation(position_term + latent_term)  # (b, m, w)
+        first, steps = h, []
+        for layer in self.hidden_layers:
+            step = self.activation(layer(h))
+            steps.append(step)
+            h = h + step
+        out = self.output_layer(h)
+        weights = [layer.weight for layer in self.hidden_layers]
+        tangents = None
+        if fused_tangents_usable(first, self.n_neurons):  # one GPU kernel; None if it failed
+            tangents = latent_tangents(first, steps, self.latent_layer.weight, weights,
+                                       self.output_layer.weight)
+        if tangents is None:
+            tangents = self._tangents(first, steps, weights)
+        return out, tangents
+
+    @torch.no_grad()
+    def _tangents(
+        self,
+        first: torch.Tensor,  # (b, m, w) ELU(a0)
+        steps: list[torch.Tensor],  # per hidden layer (b, m, w): ELU(W_l h_l + b_l)
+        weights: list[torch.Tensor],  # per hidden layer (w, w)
+    ) -> torch.Tensor:  # (b, d, m, 3)
+        """The tangent recursion of the module docstring in torch, from the primal pass's
+        activations, in their precision."""
 
         def slope(activation: torch.Tensor) -> torch.Tensor:  # ELU'(a) = min(ELU(a), 0) + 1
             return torch.clamp(activation.detach(), max=0.0).add_(1.0)
 
-        b, m, w = h.shape
-        d = z.shape[-1]
-        with torch.no_grad():
-            weight_z = rearrange(self.latent_layer.weight, "w d -> d 1 w").to(h.dtype)
-            tangent = h.new_empty(b, d, m, w)
-            torch.mul(slope(h)[:, None], weight_z, out=tangent)
-        for layer in self.hidden_layers:
-            step = self.activation(layer(h))
-            with torch.no_grad():
-                mixed = torch.mm(tangent.view(-1, w), layer.weight.t().to(tangent.dtype))
-                tangent.addcmul_(slope(step)[:, None], mixed.view(b, d, m, w))
-            h = h + step
-        out = self.output_layer(h)
-        with torch.no_grad():
-            tangents = torch.mm(tangent.view(-1, w), self.output_layer.weight.t().to(
-                tangent.dtype)).view(b, d, m, 3)
-        return out, tangents
+        b, m, w = first.shape
+        d = self.latent_dim
+        weight_z = rearrange(self.latent_layer.weight, "w d -> d 1 w").to(first.dtype)
+        tangent = first.new_empty(b, d, m, w)
+        torch.mul(slope(first)[:, None], weight_z, out=tangent)
+        for step, weight in zip(steps, weights, strict=True):
+            mixed = torch.mm(tangent.view(-1, w), weight.t().to(tangent.dtype))
+            tangent.addcmul_(slope(step)[:, None], mixed.view(b, d, m, w))
+        return torch.mm(tangent.view(-1, w), self.output_layer.weight.t().to(
+            tangent.dtype)).view(b, d, m, 3)
 
     def _mlp(
         self,
