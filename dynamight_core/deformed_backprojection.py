@@ -125,8 +125,10 @@ class DeformedBackprojector:
         self.oversampling = int(oversampling)
         self.pixel_size = float(pixel_size)
         if max_chunk_voxels is None:
-            # CPU: small chunks stay in cache (measured fastest at box 64); GPU: large launches
-            max_chunk_voxels = 2**24 if torch.device(device).type == "cuda" else 2**18
+            # CPU: small chunks stay in cache (measured fastest at box 64). GPU: large launches;
+            # 2**27 (several particles at once even at box 320, about 3 GB) ran box 256 / 320
+            # at 1660 / 880 particles/s against 850 / 440 with 2**24 (H200, benchmarks/RESULTS.md)
+            max_chunk_voxels = 2**27 if torch.device(device).type == "cuda" else 2**18
         self.max_chunk_voxels = int(max_chunk_voxels)
         box = self.box_size
         self.data = torch.zeros((box, box, box), dtype=torch.float32, device=device)
