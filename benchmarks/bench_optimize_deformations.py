@@ -186,7 +186,11 @@ def _profile_epoch(trainer, particles, args, device) -> None:
     ops = sum(e.count for k, e in events.items() if k.startswith("aten::"))
     syncs = events["aten::_local_scalar_dense"].count if "aten::_local_scalar_dense" in events \
         else 0
-    kernel_events = [e for e in averages if kind(e) == "CUDA"]
+    # device-side events that are kernels and copies, not ranges (the dm:: labels and the
+    # optimiser's step appear on the GPU timeline too, spanning their kernels)
+    kernel_events = [e for e in averages if kind(e) == "CUDA"
+                     and not getattr(e, "is_user_annotation", False)
+                     and not e.key.startswith(("dm::", "Optimizer."))]
     kernels = sum(e.count for e in kernel_events)
     print(f"    per batch: {ops / n_batches:.0f} aten operator calls, "
           f"{syncs / n_batches:.1f} host read-backs (aten::_local_scalar_dense)"

@@ -459,8 +459,11 @@ class HalfSetTrainer:
         self.final_latents = None  # the model changes: final codes no longer hold
         self._set_trainable(warmup)
         consensus = self.model.gaussians.positions.detach()
-        self._edges, self._rest_lengths = build_neighbour_graph(consensus)
-        self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance)
+        # on the device once per epoch: a per-batch copy from pageable memory synchronises
+        self._edges, self._rest_lengths = (x.to(self.device)
+                                           for x in build_neighbour_graph(consensus))
+        self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance).to(
+            self.device)
         self.noise.reset()
         # per-epoch sums stay on the device (no host synchronisation per batch): data, mse,
         # kl, reg; each batch's float32 sum is added in float64

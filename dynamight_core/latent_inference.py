@@ -134,7 +134,9 @@ def gauss_newton_step(
     if damping is not None:
         system = system + damping[:, None, None] * torch.diag_embed(
             torch.diagonal(precision, dim1=-2, dim2=-1))
-    step = torch.linalg.solve(system, descent[..., None])[..., 0]
+    # H is positive definite by construction; the _ex forms skip the error check, which on a
+    # GPU reads a flag back to the host (a synchronisation per batch)
+    step = torch.linalg.solve_ex(system, descent[..., None])[0][..., 0]
     length = step.norm(dim=-1, keepdim=True)
     return z + step * torch.clamp(max_step / length.clamp_min(1e-12), max=1.0)
 
@@ -187,7 +189,7 @@ def sample_posterior(
     if noise is None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device,
                             dtype=mean.dtype)
-    lower = torch.linalg.cholesky(precision)  # precision = L Lᵀ, covariance = L⁻ᵀ L⁻¹
+    lower = torch.linalg.cholesky_ex(precision)[0]  # precision = L Lᵀ, cov. = L⁻ᵀ L⁻¹
     return mean + torch.linalg.solve_triangular(lower.transpose(-1, -2), noise[..., None],
                                                 upper=True)[..., 0]
 
@@ -201,7 +203,7 @@ def posterior_kl(
     d = mean.shape[-1]
     offset, p = _prior_terms(mean, prior)
     p = p[:, 0]
-    covariance = torch.linalg.inv(precision)
+    covariance = torch.linalg.inv_ex(precision)[0]  # no error check: no GPU read-back
     trace = torch.diagonal(covariance, dim1=-2, dim2=-1).sum(-1)
     return 0.5 * (p * trace + p * (offset**2).sum(-1) - d + torch.logdet(precision)
                   - d * torch.log(p))
