@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# A speed change checked on one lent GPU, in one call: the GPU tests, training throughput and
+# profile of this tree at the reference DynaMight's model size, the same benchmark run from a
+# baseline tree on the same machine, the command's default model size, and the whole pipeline's
+# quality (twist-hinge, SNR 0.05) to compare with earlier runs.
+#
+#   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
+#     | tar -x -C .gpu_baseline && cp benchmarks/*.py .gpu_baseline/benchmarks/
+#   # on the GPU machine (carry .whl and .gpu_baseline):
+#   source .whl/on_device.sh && BASELINE=.gpu_baseline bash benchmarks/gpu_speedup_check.sh
+# Output: $OUT/log.txt and $OUT/results.tgz (operator table, Chrome trace, pipeline scores).
+# Dry run: DRY=1 OUT=/tmp/x BASELINE=.gpu_baseline bash benchmarks/gpu_speedup_check.sh
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+LOG=$OUT/log.txt
+BUDGET=${BUDGET:-300}
+BASELINE=${BASELINE:-}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+if [ "${DRY:-0}" = 1 ]; then
+  DEV=cpu; GPU=(); G=2000; N=64; BIG=64; OTHERS="64"; BATCH=32
+  QUALITY=(--n-particles 400 -- --n-gaussians 500 --n-epochs 2)
+else
+  DEV=cuda; GPU=(--gpu-id 0); G=30000; N=2048; BIG=256; OTHERS="128 320"; BATCH=128
+  QUALITY=()
+fi
+REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
+     --batch-size $BATCH --n-particles $N)
+
+step() {  # step NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2; shift 2
+  local now=$(( $(date +%s) - START ))
+  if (( now + 10 > BUDGET )); then
+    echo "### $name: skipped ($now s used of $BUDGET)" | tee -a "$LOG"; return
+  fi
+  (( cap > BUDGET - now )) && cap=$(( BUDGET - now ))
+  echo "### $name (cap $cap s, at $now s): $*" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout -k 5 "$cap" "$@" 2>&1 | grep -v "^USDT\|SyncActivityProfilerHandler\|_warn_once\|acc_events" \
+    | tee -a "$LOG"
+  echo "### $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+}
+
+step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
+step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
+  tests/test_deformed_backprojection.py tests/test_batch_prefetch.py
+step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
+  --boxes $BIG --profile --profile-output "$WORK/prof"
+if [ -n "$BASELINE" ]; then
+  step train_baseline 50 python3 "$BASELINE/benchmarks/bench_optimize_deformations.py" \
+    "${REF[@]}" --boxes $BIG
+fi
+step train_new_boxes 50 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
+  --boxes $OTHERS
+step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --device $DEV \
+  --boxes 64 128 256 --n-particles $N
+step backprojection 30 python3 benchmarks/bench_backprojection.py --device $DEV \
+  --boxes $BIG $OTHERS --n-gaussians $G --batch-size 32 --n-particles 512
+step pipeline 150 python3 benchmarks/bench_quality.py --output-directory "$WORK/quality" \
+  --presets twist-hinge --snrs 0.05 "${GPU[@]}" --n-threads 8 --job-name gpu "${QUALITY[@]}"
+
+step train_new_unfused 40 env DYNAMIGHT_FUSED_TANGENTS=0 python3 \
+  benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
+
+find "$WORK/quality" \( -name "*.mrc*" -o -name "*.mrcs" -o -name "*.pth" \) -delete 2>/dev/null
+tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
+echo "### done at $(( $(date +%s) - START )) s" | tee -a "$LOG"
+grep -h "^ *[0-9]\+  [0-9.]\+ .*[0-9]$\|RESULT\|passed\|failed\|^###.*rc" "$LOG" | tail -40
