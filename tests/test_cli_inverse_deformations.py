@@ -87,13 +87,17 @@ def test_relion5_call_form_defaults_to_fixed_point(forward_run, tmp_path):
     assert set(state["halves"]) == {"1", "2"}
     assert set(state["held_out"]["1"]) == {"displacement", "fixed-point"}
     assert (job / "inverse_deformations" / "deformations_half2.npy").exists()
-    # accurate relative to the deformations it inverts (measured 2026-11-27 on this 3-epoch run:
-    # mean error 26% / 8% of the mean displacement, p95 34% / 10%); a wrong sign or a field
-    # applied the wrong way round gives errors of the size of the displacements or more
+    # accurate relative to the deformations it inverts. The error depends on how rough the
+    # field of this 3-epoch run on 240 particles is, which moves with the training's seed and
+    # rounding: measured 2026-11-28 over seeds 0-3, both halves, mean error 23-41% of the mean
+    # displacement and p95 23-36% of its p95 (the code of fd65682 gave 43% / 36% with seed 2,
+    # so the earlier bound of 35% on the mean was inside that spread). Not inverting at all
+    # gives 100%; a wrong sign gives about 200% (the inverse of a small field is close to its
+    # negative)
     for half in ("1", "2"):
         held = state["held_out"][half]
         assert held["displacement"]["mean"] > 1.0  # Å: something to invert
-        assert held["fixed-point"]["mean"] <= 0.35 * held["displacement"]["mean"]
+        assert held["fixed-point"]["mean"] <= 0.5 * held["displacement"]["mean"]
         assert held["fixed-point"]["p95"] <= 0.5 * held["displacement"]["p95"]
 
 
