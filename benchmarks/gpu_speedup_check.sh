@@ -2,7 +2,8 @@
 # A speed change checked on one lent GPU, in one call: the GPU tests, training throughput and
 # profile of this tree at the reference DynaMight's model size, the same benchmark run from a
 # baseline tree on the same machine, the command's default model size, and the whole pipeline's
-# quality (twist-hinge, SNR 0.05) to compare with earlier runs.
+# quality (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles
+# for each stage (benchmarks/bench_pipeline.py).
 #
 #   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
 #     | tar -x -C .gpu_baseline && cp benchmarks/*.py .gpu_baseline/benchmarks/
@@ -64,7 +65,10 @@ step pipeline 150 python3 benchmarks/bench_quality.py --output-directory "$WORK/
 step train_new_unfused 40 env DYNAMIGHT_FUSED_TANGENTS=0 python3 \
   benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
 
-find "$WORK/quality" \( -name "*.mrc*" -o -name "*.mrcs" -o -name "*.pth" \) -delete 2>/dev/null
+step pipeline_times 150 python3 benchmarks/bench_pipeline.py --output-directory "$WORK/times" \
+  "${GPU[@]}" --n-threads 8 "${QUALITY[@]}"
+
+find "$WORK/quality" "$WORK/times" \( -name "*.mrc*" -o -name "*.mrcs" -o -name "*.pth" \) -delete 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
 echo "### done at $(( $(date +%s) - START )) s" | tee -a "$LOG"
 grep -h "^ *[0-9]\+  [0-9.]\+ .*[0-9]$\|RESULT\|passed\|failed\|^###.*rc" "$LOG" | tail -40
