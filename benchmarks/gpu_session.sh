@@ -10,13 +10,8 @@
 #   DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh
 # BUDGET (seconds, default 520): steps that would start after it are skipped.
 set -u
-OUT=${OUT:-/tmp/gpu_session}
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-LOG=$OUT/log.txt
 BUDGET=${BUDGET:-520}
-START=$(date +%s)
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/_gpu_steps.sh"
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; GPU=(); G=2000; N=64; BOXES_REF="64"; BOXES_BIG="64"; BATCH=32
   QUALITY=(--n-particles 400 -- --n-gaussians 500 --n-epochs 2)
@@ -24,19 +19,6 @@ else
   DEV=cuda; GPU=(--gpu-id 0); G=30000; N=2048; BOXES_REF="128 256 320"; BOXES_BIG="256 320"
   BATCH=128; QUALITY=()
 fi
-
-step() {  # step NAME CAP_SECONDS COMMAND...
-  local name=$1 cap=$2; shift 2
-  local now=$(( $(date +%s) - START ))
-  if (( now + 10 > BUDGET )); then
-    echo "### $name: skipped ($now s used of $BUDGET)" | tee -a "$LOG"; return
-  fi
-  (( cap > BUDGET - now )) && cap=$(( BUDGET - now ))
-  echo "### $name (cap $cap s, at $now s): $*" | tee -a "$LOG"
-  local t0=$(date +%s)
-  timeout -k 5 "$cap" "$@" 2>&1 | grep -v "^USDT\|SyncActivityProfilerHandler" | tee -a "$LOG"
-  echo "### $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
-}
 
 step env 20 bash -c "nvidia-smi -L 2>/dev/null; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total,power.limit --format=csv 2>/dev/null; nproc; python3 -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'"
 

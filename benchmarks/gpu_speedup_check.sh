@@ -12,14 +12,9 @@
 # Output: $OUT/log.txt and $OUT/results.tgz (operator table, Chrome trace, pipeline scores).
 # Dry run: DRY=1 OUT=/tmp/x BASELINE=.gpu_baseline bash benchmarks/gpu_speedup_check.sh
 set -u
-OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-LOG=$OUT/log.txt
 BUDGET=${BUDGET:-300}
 BASELINE=${BASELINE:-}
-START=$(date +%s)
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/_gpu_steps.sh"
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; GPU=(); G=2000; N=64; BIG=64; OTHERS="64"; BATCH=32
   QUALITY=(--n-particles 400 -- --n-gaussians 500 --n-epochs 2)
@@ -29,20 +24,6 @@ else
 fi
 REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
      --batch-size $BATCH --n-particles $N)
-
-step() {  # step NAME CAP_SECONDS COMMAND...
-  local name=$1 cap=$2; shift 2
-  local now=$(( $(date +%s) - START ))
-  if (( now + 10 > BUDGET )); then
-    echo "### $name: skipped ($now s used of $BUDGET)" | tee -a "$LOG"; return
-  fi
-  (( cap > BUDGET - now )) && cap=$(( BUDGET - now ))
-  echo "### $name (cap $cap s, at $now s): $*" | tee -a "$LOG"
-  local t0=$(date +%s)
-  timeout -k 5 "$cap" "$@" 2>&1 | grep -v "^USDT\|SyncActivityProfilerHandler\|_warn_once\|acc_events" \
-    | tee -a "$LOG"
-  echo "### $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
-}
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
 step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
