@@ -54,14 +54,12 @@ MUTATIONS = [
              "projection = projection",
              "the training model's images without the CTF"),
     Mutation("prior-dropped", "dynamight_core/latent_inference.py",
-             "descent = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta - z",
-             "descent = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta",
+             "descent = data - p * offset",
+             "descent = data",
              "the KL/prior term of the latent posterior switched off"),
     Mutation("beta-ignored", "dynamight_core/latent_inference.py",
-             "precision = _weighted_inner(jacobian[:, :, None], jacobian[:, None], "
-             "pixel_weights) / beta",
-             "precision = _weighted_inner(jacobian[:, :, None], jacobian[:, None], "
-             "pixel_weights)",
+             "precision = torch.bmm(weighted, weighted.transpose(1, 2)) / beta",
+             "precision = torch.bmm(weighted, weighted.transpose(1, 2))",
              "the KL weight beta left out of the posterior precision"),
     Mutation("regulariser-dropped", "dynamight_core/half_set_trainer.py",
              "loss = loss + self.regularization_weight * reg_mean",

@@ -51,11 +51,6 @@ def likelihood_pixel_weights(
     return multiplicity * (noise_weights > 0) * noise_weights * noise_norm
 
 
-def _weighted_inner(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Re Σ_k W_k conj(a_k) b_k`` over the two image axes."""
-    return (weights * (a.real * b.real + a.imag * b.imag)).sum((-2, -1))
-
-
 Prior = tuple[torch.Tensor, torch.Tensor] | None
 """``(prior_mean (b, d), prior_precision (b,))`` of ``N(m, I / p)``; ``None`` is ``N(0, I)``."""
 
@@ -111,9 +106,15 @@ def gauss_newton_system(
     code goes to the prior mean and its posterior is the prior."""
     eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     offset, p = _prior_terms(z, prior)
-    residual = image_rfft - model
-    data = _weighted_inner(jacobian, residual[:, None], pixel_weights) / beta
-    precision = _weighted_inner(jacobian[:, :, None], jacobian[:, None], pixel_weights) / beta
+    # Re Σ W conj(a) b as products of real matrices over the pixels: with sqrt(W) folded into
+    # each side, Jᴴ W r and Re(Jᴴ W J) are one batched matrix product each (no (b, d, d, h, w)
+    # temporaries: about 3 GB of memory traffic per step at 6 dimensions and box 256)
+    root = pixel_weights.clamp_min(0.0).sqrt()
+    b, d = jacobian.shape[:2]
+    weighted = torch.view_as_real(jacobian * root).reshape(b, d, -1)  # (b, d, 2 h w)
+    residual = torch.view_as_real((image_rfft - model) * root).reshape(b, -1, 1)
+    data = torch.bmm(weighted, residual)[..., 0] / beta
+    precision = torch.bmm(weighted, weighted.transpose(1, 2)) / beta
     if active is not None:
         use = active.to(device=z.device, dtype=z.dtype)
         data = data * use
