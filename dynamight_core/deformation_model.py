@@ -46,7 +46,7 @@ from .gaussian_model import GaussianModel
 from .gaussian_projection import project_gaussians_rfft
 from .noise_model import RadialNoiseEstimate, rfft_multiplicity
 from .particles import CTFParams, ParticleSet
-from .shift import apply_relion_origin_rfft, phase_ramp_2d_rfft
+from .shift import relion_origin_phase_rfft
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +191,18 @@ class DeformationModel(nn.Module):
         batch: Batch,
     ) -> torch.Tensor:  # (b, box, box // 2 + 1) complex particle-image model
         """Project the (deformed) Gaussians, apply each particle's CTF and origin shift."""
+        ctf, origin = self._image_factors(batch)
+        return self._project(positions, batch.rotations) * ctf * origin
+
+    def _project(self, positions: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         g = self.gaussians
-        projection = project_gaussians_rfft(
-            positions, torch.exp(g.log_sigmas), g.masses(), g.class_index, batch.rotations,
-            self.box_size, self.pixel_size)
-        projection = projection * ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size)
-        return apply_relion_origin_rfft(projection, batch.shifts_angstrom, self.pixel_size,
-                                        self.box_size)
+        return project_gaussians_rfft(positions, torch.exp(g.log_sigmas), g.masses(),
+                                      g.class_index, rotations, self.box_size, self.pixel_size)
+
+    def _image_factors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each particle's CTF and origin-shift phase, ``(b, box, box // 2 + 1)`` each."""
+        return (ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size),
+                relion_origin_phase_rfft(batch.shifts_angstrom, self.pixel_size, self.box_size))
 
     def displacements_and_tangents(self, z: torch.Tensor, dtype: torch.dtype | None = None
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,18 +232,15 @@ class DeformationModel(nn.Module):
         b, d = tangents.shape[:2]
         largest = tangents.norm(dim=-1).amax(dim=-1).clamp_min(1e-12)  # (b, d)
         h = step_angstrom / largest
-        g = self.gaussians
-        ctf = ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size)[:, None]
-        ramp = phase_ramp_2d_rfft(-batch.shifts_angstrom / self.pixel_size, self.box_size)[:, None]
+        ctf, origin = (factor[:, None] for factor in self._image_factors(batch))
         per_call = d if deformed.is_cuda else 1
         columns = []
         for k in range(0, d, per_call):
             n = min(per_call, d - k)
             moved = deformed[:, None] + h[:, k:k + n, None, None] * tangents[:, k:k + n]
-            projection = project_gaussians_rfft(
-                moved.flatten(0, 1), torch.exp(g.log_sigmas), g.masses(), g.class_index,
-                batch.rotations.repeat_interleave(n, dim=0), self.box_size, self.pixel_size)
-            moved_images = projection.view(b, n, *projection.shape[1:]) * ctf * ramp  # render()
+            projection = self._project(moved.flatten(0, 1),
+                                       batch.rotations.repeat_interleave(n, dim=0))
+            moved_images = projection.view(b, n, *projection.shape[1:]) * ctf * origin
             columns.append((moved_images - model[:, None]) / h[:, k:k + n, None, None])
         return torch.cat(columns, dim=1)
 

@@ -27,7 +27,17 @@ def apply_relion_origin_rfft(
 ) -> torch.Tensor:
     """Turn centred projections into particle images: RELION's image is the projection moved
     by ``-rlnOrigin``."""
-    return projections_rfft * phase_ramp_2d_rfft(-shifts_angstrom / pixel_size, box_size)
+    return projections_rfft * relion_origin_phase_rfft(shifts_angstrom, pixel_size, box_size)
+
+
+def relion_origin_phase_rfft(
+    shifts_angstrom: torch.Tensor,  # (b, 2) rlnOriginX/YAngst
+    pixel_size: float,
+    box_size: int,
+) -> torch.Tensor:  # (b, h, w//2+1)
+    """The factor :func:`apply_relion_origin_rfft` multiplies by (for several projections of
+    each particle at once)."""
+    return phase_ramp_2d_rfft(-shifts_angstrom / pixel_size, box_size)
 
 
 def recentre_relion_images_rfft(
