@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,16 @@ def setup_device(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return device
+
+
+def run_dynamight(argv: list[str]) -> float:
+    """``dynamight ARGV`` in this process; its wall time in seconds (exit if it fails)."""
+    from relion_external.cli import main
+
+    t0 = time.perf_counter()
+    if main(argv) != 0:
+        raise SystemExit(f"dynamight {' '.join(argv)} failed")
+    return time.perf_counter() - t0
 
 
 def batches_of(particles, indices, batch_size: int, device: torch.device):

@@ -23,21 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
 import starfile
-
-from relion_external.cli import main as dynamight
-
-
-def _run(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    if dynamight(argv) != 0:
-        raise SystemExit(f"dynamight {' '.join(argv)} failed")
-    return time.perf_counter() - t0
+from _common import run_dynamight
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,15 +56,15 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("n_particles", "box_size"):
             if getattr(args, key) is not None:
                 simulate += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        _run(simulate)
+        run_dynamight(simulate)
     common = (["--gpu-id", args.gpu_id] if args.gpu_id is not None else []) + [
         "--n-threads", str(args.n_threads)]
-    train = _run(["optimize-deformations", "--refinement-star-file",
+    train = run_dynamight(["optimize-deformations", "--refinement-star-file",
                   str(data / "particles.star"), "--initial-model",
                   str(data / "consensus_map.mrc"), "--output-directory", str(job),
                   *common, *extra])
-    inverse = _run(["optimize-inverse-deformations", str(job), *common])
-    backprojection = _run(["deformable-backprojection", str(job), "--mask-file",
+    inverse = run_dynamight(["optimize-inverse-deformations", str(job), *common])
+    backprojection = run_dynamight(["deformable-backprojection", str(job), "--mask-file",
                            str(data / "mask.mrc"), *common])
     table = starfile.read(data / "particles.star")
     n = len(table["particles"] if isinstance(table, dict) else table)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import cpu_name
+from _common import cpu_name, run_dynamight
 
-from relion_external.cli import main as dynamight
 from relion_external.truth_comparison import compare_with_truth
-
-
-def _run(argv: list[str]) -> float:
-    t0 = time.time()
-    if dynamight(argv) != 0:
-        raise SystemExit(f"dynamight {' '.join(argv)} failed")
-    return time.time() - t0
 
 
 def score(root: Path, job: Path) -> dict:
@@ -81,11 +72,13 @@ def prepare_dataset(root: Path, simulate_options: list[str]) -> None:
     data, nomotion = root / "data", root / "data_nomotion"
     for folder, flags in ((data, []), (nomotion, ["--no-motion"])):
         if not (folder / "particles.star").is_file():
-            _run(["simulate", "--output-directory", str(folder), *simulate_options, *flags])
+            run_dynamight(["simulate", "--output-directory", str(folder), *simulate_options,
+                           *flags])
     for folder, source in ((root / "rigid", data), (root / "upper", nomotion)):
         if not (folder / "map_half2.mrc").is_file():
-            _run(["reconstruct", "--refinement-star-file", str(source / "particles.star"),
-                  "--output-directory", str(folder), "--mask-file", str(data / "mask.mrc")])
+            run_dynamight(["reconstruct", "--refinement-star-file",
+                           str(source / "particles.star"), "--output-directory", str(folder),
+                           "--mask-file", str(data / "mask.mrc")])
 
 
 def run_dataset(out: Path, preset: str, snr: float, args, extra: list[str]) -> dict:
@@ -99,12 +92,12 @@ def run_dataset(out: Path, preset: str, snr: float, args, extra: list[str]) -> d
     job = root / args.job_name
     gpu = ["--gpu-id", args.gpu_id] if args.gpu_id is not None else []
     threads = ["--n-threads", str(args.n_threads)]
-    t_train = _run(["optimize-deformations", "--refinement-star-file",
-                    str(data / "particles.star"), "--initial-model",
-                    str(data / "consensus_map.mrc"), "--output-directory", str(job),
-                    *gpu, *threads, *extra])
-    t_bp = _run(["deformable-backprojection", str(job), "--mask-file", str(data / "mask.mrc"),
-                 *gpu, *threads])
+    t_train = run_dynamight(["optimize-deformations", "--refinement-star-file",
+                             str(data / "particles.star"), "--initial-model",
+                             str(data / "consensus_map.mrc"), "--output-directory", str(job),
+                             *gpu, *threads, *extra])
+    t_bp = run_dynamight(["deformable-backprojection", str(job), "--mask-file",
+                          str(data / "mask.mrc"), *gpu, *threads])
     result = {"preset": preset, "snr": snr, "options": " ".join(extra) or "defaults",
               "train_s": round(t_train), "backprojection_s": round(t_bp)}
     result.update(score(root, job))
