@@ -69,6 +69,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-latent-dimensions", type=int, default=2,
                         help="optimize-deformations' default is 2 (the reference DynaMight's "
                              "model size: 6 latent dimensions, 8 layers of 32 neurons)")
+    parser.add_argument("--active-dimensions", type=int, default=None,
+                        help="latent dimensions in use (default all): the command decides per "
+                             "half set from the motion modes, and the codes' Jacobian is "
+                             "rendered along those in use only (a one-dimensional motion uses "
+                             "one)")
     parser.add_argument("--n-linear-layers", type=int, default=2)
     parser.add_argument("--n-neurons-per-layer", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1, help="timed joint epochs")
@@ -124,6 +129,9 @@ def run_box(box: int, args, device: torch.device) -> dict:
                            decoder_precision=resolve_decoder_precision(args.decoder_precision,
                                                                        device))
     trainer = HalfSetTrainer(1, config, gaussians, np.arange(len(particles)), device)
+    if args.active_dimensions is not None:
+        active = torch.arange(config.latent_dim, device=device) < args.active_dimensions
+        trainer.active_dims = active
     trainer.initialise_noise(_batches(particles, np.arange(min(512, len(particles))),
                                       args.batch_size, device))
     trainer.train_epoch(_batches(particles, trainer.epoch_order(), args.batch_size, device))
@@ -238,8 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     args = add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
     device = setup_device(args)
     precision = resolve_decoder_precision(args.decoder_precision, device)
+    in_use = args.n_latent_dimensions if args.active_dimensions is None \
+        else args.active_dimensions
     print_header(device, f"batch {args.batch_size}", f"{args.n_particles} particles",
-                 f"decoder {precision}")
+                 f"decoder {precision}",
+                 f"latent dimensions {in_use} of {args.n_latent_dimensions} in use")
     print("box  Å/px  gaussians  particles  s/epoch  particles/s  cpu-s/particle  peak MiB")
     for box in args.boxes:
         r = run_box(box, args, device)

@@ -87,9 +87,11 @@ class LatentConditionedMLP(nn.Module):
         self,
         positions_angstrom: torch.Tensor,  # (m, 3) shared, Å
         z: torch.Tensor,  # (b, d)
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # out (b, m, 3), tangents (b, d, m, 3) detached
-        """:meth:`_mlp` and its derivatives with respect to each latent coordinate (module
-        docstring); the output keeps its autograd graph, the tangents have none."""
+        dims: torch.Tensor | None = None,  # (k,) int64: the coordinates to differentiate by
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # out (b, m, 3), tangents (b, k, m, 3) detached
+        """:meth:`_mlp` and its derivatives with respect to the latent coordinates ``dims``
+        (all of them by default; module docstring); the output keeps its autograd graph, the
+        tangents have none."""
         x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
         position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # (m, w)
         latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
@@ -101,12 +103,16 @@ class LatentConditionedMLP(nn.Module):
             h = h + step
         out = self.output_layer(h)
         weights = [layer.weight for layer in self.hidden_layers]
+        # the tangent along z_k starts from W_z's column k: a subset of coordinates is a
+        # subset of columns (an exact copy, so each tangent is what the full set gives)
+        weight_z = self.latent_layer.weight
+        if dims is not None:
+            weight_z = weight_z.index_select(1, dims)
         tangents = None
         if fused_tangents_usable(first, self.n_neurons):  # one GPU kernel; None if it failed
-            tangents = latent_tangents(first, steps, self.latent_layer.weight, weights,
-                                       self.output_layer.weight)
+            tangents = latent_tangents(first, steps, weight_z, weights, self.output_layer.weight)
         if tangents is None:
-            tangents = self._tangents(first, steps, weights)
+            tangents = self._tangents(first, steps, weights, weight_z)
         return out, tangents
 
     @torch.no_grad()
@@ -115,6 +121,7 @@ class LatentConditionedMLP(nn.Module):
         first: torch.Tensor,  # (b, m, w) ELU(a0)
         steps: list[torch.Tensor],  # per hidden layer (b, m, w): ELU(W_l h_l + b_l)
         weights: list[torch.Tensor],  # per hidden layer (w, w)
+        latent_weight: torch.Tensor,  # (w, d) W_z, or the columns of the coordinates wanted
     ) -> torch.Tensor:  # (b, d, m, 3)
         """The tangent recursion of the module docstring in torch, from the primal pass's
         activations, in their precision."""
@@ -123,8 +130,8 @@ class LatentConditionedMLP(nn.Module):
             return torch.clamp(activation.detach(), max=0.0).add_(1.0)
 
         b, m, w = first.shape
-        d = self.latent_dim
-        weight_z = rearrange(self.latent_layer.weight, "w d -> d 1 w").to(first.dtype)
+        d = latent_weight.shape[1]
+        weight_z = rearrange(latent_weight, "w d -> d 1 w").to(first.dtype)
         tangent = first.new_empty(b, d, m, w)
         torch.mul(slope(first)[:, None], weight_z, out=tangent)
         for step, weight in zip(steps, weights, strict=True):

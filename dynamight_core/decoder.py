@@ -109,29 +109,32 @@ class DeformationDecoder(LatentConditionedMLP):
     def _anchored(self, positions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self._mlp(positions, z) - self._mlp(positions, z.new_zeros(1, z.shape[-1]))
 
-    def _anchored_and_tangents(self, positions: torch.Tensor, z: torch.Tensor
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, tangents = self._mlp_and_tangents(positions, z)
+    def _anchored_and_tangents(self, positions: torch.Tensor, z: torch.Tensor,
+                               dims: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, tangents = self._mlp_and_tangents(positions, z, dims)
         return out - self._mlp(positions, z.new_zeros(1, z.shape[-1])), tangents
 
     def forward_with_tangents(
         self,
         positions_angstrom: torch.Tensor,  # (n_g, 3)
         z: torch.Tensor,  # (b, latent_dim)
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # (b, n_g, 3) Å, (b, latent_dim, n_g, 3) Å per unit
+        dims: torch.Tensor | None = None,  # (k,) int64 latent coordinates; default all
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (b, n_g, 3) Å, (b, k, n_g, 3) Å per unit
         """:meth:`forward` and the derivatives of every displacement with respect to each
-        latent coordinate (no autograd graph on the derivatives; see ``_latent_mlp``)."""
+        latent coordinate in ``dims`` (no autograd graph on the derivatives; see
+        ``_latent_mlp``)."""
         dtype = self.output_layer.weight.dtype
         positions_angstrom = positions_angstrom.to(dtype)
         z = z.to(dtype)
         scale = self.half_box_angstrom
         if self.movable_mask is None:
-            out, tangents = self._anchored_and_tangents(positions_angstrom, z)
+            out, tangents = self._anchored_and_tangents(positions_angstrom, z, dims)
             return out * scale, tangents * scale
-        out, tangents = self._anchored_and_tangents(positions_angstrom[self.movable_mask], z)
+        out, tangents = self._anchored_and_tangents(positions_angstrom[self.movable_mask], z,
+                                                    dims)
         displacements = out.new_zeros(z.shape[0], positions_angstrom.shape[0], 3)
         displacements[:, self.movable_mask] = out * scale
-        full = tangents.new_zeros(z.shape[0], z.shape[1], positions_angstrom.shape[0], 3)
+        full = tangents.new_zeros(z.shape[0], tangents.shape[1], positions_angstrom.shape[0], 3)
         full[:, :, self.movable_mask] = tangents * scale
         return displacements, full
 

@@ -204,16 +204,18 @@ class DeformationModel(nn.Module):
         return (ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size),
                 relion_origin_phase_rfft(batch.shifts_angstrom, self.pixel_size, self.box_size))
 
-    def displacements_and_tangents(self, z: torch.Tensor, dtype: torch.dtype | None = None
+    def displacements_and_tangents(self, z: torch.Tensor, dtype: torch.dtype | None = None,
+                                   dims: torch.Tensor | None = None
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`displacements` ``(b, n_g, 3)`` (with autograd) and their derivatives with
-        respect to each latent coordinate ``(b, d, n_g, 3)`` Å per unit (without), float32."""
+        respect to the latent coordinates ``dims`` (default all) ``(b, k, n_g, 3)`` Å per unit
+        (without), float32."""
         dtype = self.decoder_dtype if dtype is None else dtype
         positions = self.gaussians.positions.detach()
         if dtype == torch.float32:
-            return self.decoder.forward_with_tangents(positions, z)
+            return self.decoder.forward_with_tangents(positions, z, dims)
         with torch.autocast(device_type=z.device.type, dtype=dtype):
-            displacements, tangents = self.decoder.forward_with_tangents(positions, z)
+            displacements, tangents = self.decoder.forward_with_tangents(positions, z, dims)
         return displacements.float(), tangents.float()
 
     def image_jacobian(
@@ -245,11 +247,12 @@ class DeformationModel(nn.Module):
         return torch.cat(columns, dim=1)
 
     @torch.no_grad()
-    def linearise(self, batch: Batch, z: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:  # model (b, h, w), ∂model/∂z
+    def linearise(self, batch: Batch, z: torch.Tensor, dims: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # model (b, h, w), ∂model/∂z_dims
         """Model images of ``batch`` at the codes ``z`` and their Jacobian (latent inference,
-        :mod:`dynamight_core.latent_inference`)."""
-        d, tangents = self.displacements_and_tangents(z)
+        :mod:`dynamight_core.latent_inference`) along the coordinates ``dims`` ((k,) int64,
+        default all: ``(b, k, h, w)``; a coordinate not asked for costs no render)."""
+        d, tangents = self.displacements_and_tangents(z, dims=dims)
         deformed = self.gaussians.positions.detach()[None] + d
         model = self.render(deformed, batch)
         return model, self.image_jacobian(deformed, tangents, model, batch)

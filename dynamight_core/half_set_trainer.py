@@ -234,6 +234,19 @@ class HalfSetTrainer:
         self.group = group
         group.broadcast_module(self.model)
 
+    @property
+    def active_dims(self) -> torch.Tensor:  # (d,) bool
+        """The latent dimensions in use (:meth:`start_decoder_from_modes` decides)."""
+        return self._active_dims
+
+    @active_dims.setter
+    def active_dims(self, active: torch.Tensor) -> None:
+        self._active_dims = active
+        # the codes' Jacobian is rendered along the dimensions in use only (one render and one
+        # tangent chain less per unused dimension); None: all of them. Set once, so the index
+        # is read here, not per batch
+        self._jacobian_dims = None if bool(active.all()) else torch.nonzero(active)[:, 0]
+
     # -- schedule -------------------------------------------------------------------------
     @property
     def in_warmup(self) -> bool:
@@ -373,9 +386,10 @@ class HalfSetTrainer:
         z0 = torch.where(known[:, None], self.latents[rows], torch.zeros_like(self.latents[rows]))
         steps = n_steps if bool(known.all()) else max(n_steps, c.inference_steps)
         mean, precision = infer_latents(
-            lambda z: self.model.linearise(batch, z), z0, rfft2_centered(batch.images),
-            self.pixel_weights, steps, beta=c.beta, max_step=c.max_latent_step,
-            prior=self._prior(rows, known), active=self.active_dims)
+            lambda z: self.model.linearise(batch, z, self._jacobian_dims), z0,
+            rfft2_centered(batch.images), self.pixel_weights, steps, beta=c.beta,
+            max_step=c.max_latent_step, prior=self._prior(rows, known), active=self.active_dims,
+            dims=self._jacobian_dims)
         if store and bool(known.any()):
             self.latents[rows[known]] = mean[known]
             self._touch(rows[known])
@@ -576,10 +590,10 @@ class HalfSetTrainer:
         rows, _ = self._rows(batch.indices)
         z = self.latents[rows]
         prior = self._prior(rows)
-        model, jacobian = self.model.linearise(batch, z)
+        model, jacobian = self.model.linearise(batch, z, self._jacobian_dims)
         descent, precision = gauss_newton_system(model, jacobian, z, rfft2_centered(batch.images),
                                                  self.pixel_weights, self.config.beta, prior,
-                                                 self.active_dims)
+                                                 self.active_dims, self._jacobian_dims)
         mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)
         self.latents[rows] = mean
         self._touch(rows)

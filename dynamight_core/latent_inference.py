@@ -99,11 +99,14 @@ def gauss_newton_system(
     beta: float = 1.0,
     prior: Prior = None,
     active: torch.Tensor | None = None,  # (d,) bool: dimensions in use (default all)
+    dims: torch.Tensor | None = None,  # (k,) int64: the dimensions the jacobian's rows are
 ) -> tuple[torch.Tensor, torch.Tensor]:  # -grad E (b, d), precision H (b, d, d)
     """The Gauss-Newton system of ``E`` at ``z`` (module docstring): the descent direction
     ``Jᴴ W r / beta - p (z - m)`` and ``H = Re(Jᴴ W J) / beta + p I`` (``m = 0, p = 1``
     without a ``prior``). A dimension not ``active`` sees no data: the prior alone, so its
-    code goes to the prior mean and its posterior is the prior."""
+    code goes to the prior mean and its posterior is the prior. With ``dims`` the jacobian
+    holds the derivatives along those dimensions only ``(b, k, h, w)``, and every other one
+    sees no data (as if not ``active``)."""
     eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     offset, p = _prior_terms(z, prior)
     # Re Σ W conj(a) b as products of real matrices over the pixels: with sqrt(W) folded into
@@ -115,7 +118,12 @@ def gauss_newton_system(
     residual = torch.view_as_real((image_rfft - model) * root).reshape(b, -1, 1)
     data = torch.bmm(weighted, residual)[..., 0] / beta
     precision = torch.bmm(weighted, weighted.transpose(1, 2)) / beta
-    if active is not None:
+    if dims is not None:  # rows and columns of the dimensions in dims; zeros elsewhere
+        n = z.shape[-1]
+        data = data.new_zeros(b, n).index_copy_(1, dims, data)
+        precision = precision.new_zeros(b, n, n).index_copy_(
+            1, dims, precision.new_zeros(b, d, n).index_copy_(2, dims, precision))
+    elif active is not None:
         use = active.to(device=z.device, dtype=z.dtype)
         data = data * use
         precision = precision * (use[:, None] * use[None, :])
@@ -154,18 +162,20 @@ def infer_latents(
     max_step: float = 1.0,
     prior: Prior = None,
     active: torch.Tensor | None = None,
+    dims: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # mean (b, d), precision (b, d, d)
     """``n_steps`` (≥ 1) damped Gauss-Newton steps from ``z0`` (Levenberg-Marquardt: a step
     that does not lower ``E`` is not taken and the next one is damped, ``H + λ diag H``):
     the posterior mean and the precision ``H`` at it. One linearisation per step, plus one at
-    the start. ``active``: as in :func:`gauss_newton_system`."""
+    the start. ``active``, ``dims``: as in :func:`gauss_newton_system` (with ``dims``,
+    ``linearise`` returns the jacobian along those dimensions)."""
     z = z0
     model, jacobian = linearise(z)
     energy = _energy(model, image_rfft, pixel_weights, z, beta, prior)
     damping = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     for _ in range(max(1, int(n_steps))):
         descent, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights,
-                                                 beta, prior, active)
+                                                 beta, prior, active, dims)
         trial = gauss_newton_step(z, descent, precision, max_step, damping)
         trial_model, trial_jacobian = linearise(trial)
         trial_energy = _energy(trial_model, image_rfft, pixel_weights, trial, beta, prior)
@@ -176,7 +186,7 @@ def infer_latents(
         energy = torch.where(better, trial_energy, energy)
         damping = torch.where(better, 0.1 * damping, torch.clamp(10.0 * damping, min=0.1))
     _, precision = gauss_newton_system(model, jacobian, z, image_rfft, pixel_weights, beta,
-                                       prior, active)
+                                       prior, active, dims)
     return z, precision
 
 

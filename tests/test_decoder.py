@@ -125,6 +125,11 @@ def test_forward_mode_tangents_match_autograd(with_mask: bool) -> None:
         torch.testing.assert_close(tangents[:, k], expected)
     if with_mask:
         assert torch.equal(tangents[:, :, ~mask], torch.zeros_like(tangents[:, :, ~mask]))
+    # along some coordinates only: exactly those rows, in the order asked for
+    dims = torch.tensor([LATENT_DIM - 1, 0])
+    out, some = decoder.forward_with_tangents(positions, z, dims)
+    assert torch.equal(out, displacements)
+    assert torch.equal(some, tangents[:, dims])
 
 
 def test_movable_mask_zeroes_displacement_outside() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from dynamight_core.latent_inference import (
     finite_difference_linearisation,
+    gauss_newton_system,
     infer_latents,
     likelihood_pixel_weights,
     posterior_kl,
@@ -97,6 +98,28 @@ def test_a_dimension_not_in_use_sees_no_data_and_the_others_the_reduced_problem(
     # the unused dimension: prior mean and prior precision, uncoupled
     torch.testing.assert_close(z[:, 1], torch.zeros(B), rtol=0, atol=1e-6)
     torch.testing.assert_close(h[:, 1], torch.eye(D)[1].expand(B, D))
+
+
+def test_a_jacobian_along_the_dimensions_in_use_only_gives_the_same_system():
+    """``dims``: the jacobian's rows are those dimensions; the system is the masked one."""
+    generator = torch.Generator().manual_seed(5)
+    b, d, h, w = 4, 3, 6, 4
+
+    def complex_normal(*shape: int) -> torch.Tensor:
+        return torch.complex(torch.randn(*shape, generator=generator),
+                             torch.randn(*shape, generator=generator))
+
+    model, image = complex_normal(b, h, w), complex_normal(b, h, w)
+    jacobian = complex_normal(b, d, h, w)
+    z, weights = torch.randn(b, d, generator=generator), torch.rand(h, w, generator=generator)
+    active = torch.tensor([True, False, True])
+    descent, precision = gauss_newton_system(model, jacobian, z, image, weights, 0.3,
+                                             active=active)
+    dims = torch.tensor([0, 2])
+    reduced = gauss_newton_system(model, jacobian[:, dims], z, image, weights, 0.3, dims=dims)
+    torch.testing.assert_close(reduced[0], descent)
+    torch.testing.assert_close(reduced[1], precision)
+    assert torch.equal(reduced[1][:, 1], torch.eye(d)[1].expand(b, d))
 
 
 def test_later_steps_stay_at_the_optimum_and_steps_are_capped():
