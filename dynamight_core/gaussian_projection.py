@@ -37,16 +37,21 @@ def splat_bilinear_2d(
     base = torch.floor(xy_px)
     frac = xy_px - base
     base = base.long()
-    grid = torch.zeros(b * n_classes * size * size, dtype=xy_px.dtype, device=xy_px.device)
     offset = (torch.arange(b, device=xy_px.device)[:, None] * n_classes + class_index[None]) * size
+    indices, weights = [], []
     for dy in (0, 1):
         wy = frac[..., 1] if dy else 1 - frac[..., 1]
         y = (base[..., 1] + dy) % size
         for dx in (0, 1):
             wx = frac[..., 0] if dx else 1 - frac[..., 0]
             x = (base[..., 0] + dx) % size
-            idx = ((offset + y) * size + x).reshape(-1)
-            grid = grid.index_add(0, idx, (masses * wy * wx).reshape(-1))
+            indices.append(((offset + y) * size + x).reshape(-1))
+            weights.append((masses * wy * wx).reshape(-1))
+    # the four corners in one in-place scatter: an out-of-place index_add per corner copied
+    # the whole fine grid each time (4 x 134 MB per render at box 256, batch 128); the same
+    # sums in the same order (bitwise equal on CPU), and autograd needs no old grid
+    grid = torch.zeros(b * n_classes * size * size, dtype=xy_px.dtype, device=xy_px.device)
+    grid.index_add_(0, torch.cat(indices), torch.cat(weights))
     return grid.view(b, n_classes, size, size)
 
 
@@ -100,7 +105,7 @@ def render_gaussians_3d(
     frac = p - base
     base = base.long()
     n_classes = sigmas.shape[0]
-    grid = torch.zeros(n_classes * fine**3, dtype=positions.dtype, device=device)
+    indices, weights = [], []
     for corner in range(8):
         d = [(corner >> a) & 1 for a in range(3)]  # dx, dy, dz
         w = masses.clone()
@@ -108,7 +113,11 @@ def render_gaussians_3d(
         for axis in (2, 1, 0):  # z, y, x
             w = w * (frac[:, axis] if d[axis] else 1 - frac[:, axis])
             idx = (idx + (base[:, axis] + d[axis]) % fine) * (fine if axis else 1)
-        grid = grid.index_add(0, idx, w)
+        indices.append(idx)
+        weights.append(w)
+    # one in-place scatter (as splat_bilinear_2d): no copy of the fine grid per corner
+    grid = torch.zeros(n_classes * fine**3, dtype=positions.dtype, device=device)
+    grid.index_add_(0, torch.cat(indices), torch.cat(weights))
     grid = grid.view(n_classes, fine, fine, fine)
     ft = torch.fft.rfftn(torch.fft.ifftshift(grid, dim=(-3, -2, -1)), dim=(-3, -2, -1))
     rows = _fine_grid_rows(box_size, fine, device)
