@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A speed change checked on one lent GPU, in one call: the GPU tests, training throughput and
-# profile of this tree at the reference DynaMight's model size, the same benchmark run from a
-# baseline tree on the same machine, the command's default model size, and the whole pipeline's
-# quality (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles
-# for each stage (benchmarks/bench_pipeline.py).
+# profile of this tree at the reference DynaMight's model size (all six latent dimensions in
+# use, then one, as a one-dimensional motion leaves it), the same benchmark run from a baseline
+# tree on the same machine, the command's default model size, the whole pipeline's quality
+# (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles for
+# each stage (benchmarks/bench_pipeline.py).
 #
 #   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
 #     | tar -x -C .gpu_baseline && cp benchmarks/*.py .gpu_baseline/benchmarks/
@@ -36,6 +37,10 @@ if [ -n "$BASELINE" ]; then
 fi
 step train_new_boxes 50 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $OTHERS
+# a one-dimensional motion: the motion-mode start leaves 5 of the 6 dimensions unused, whose
+# Jacobian is then not rendered
+step train_new_one_dimension_used 40 python3 benchmarks/bench_optimize_deformations.py \
+  "${REF[@]}" --boxes $BIG $OTHERS --active-dimensions 1
 step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --device $DEV \
   --boxes 64 128 256 --n-particles $N
 step backprojection 30 python3 benchmarks/bench_backprojection.py --device $DEV \
