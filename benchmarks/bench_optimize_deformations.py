@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from dataclasses import replace
@@ -257,19 +258,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['box']:>3}  {r['pixel_size']:.2f}  {r['n_gaussians']:>9}  {r['particles']:>9}  "
               f"{r['seconds_per_epoch']:7.1f}  {r['rate']:11.1f}  {r['cpu_s_per_particle']:14.4f}  "
               f"{r['peak_mib']:8.0f}", flush=True)
-    print(f"# latent tangents: {_tangent_code(device)}", flush=True)
+    print(f"# latent tangents: {_kernel_used(device, 'tangent')}; "
+          f"splat: {_kernel_used(device, 'splat')}", flush=True)
 
 
-def _tangent_code(device: torch.device) -> str:
-    """Which code computed the decoder's latent tangents (:mod:`dynamight_core._tangent_kernel`)."""
+def _kernel_used(device: torch.device, name: str) -> str:
+    """Which code computed the decoder's latent tangents (``name`` "tangent",
+    :mod:`dynamight_core._tangent_kernel`) or the projection's splat ("splat",
+    :mod:`dynamight_core._splat_kernel`)."""
     try:
-        from dynamight_core import _tangent_kernel as kernel
+        kernel = importlib.import_module(f"dynamight_core._{name}_kernel")
     except ImportError:  # a tree from before the kernel
         return "torch code (no fused kernel in this tree)"
     probe = torch.zeros(1, device=device)
     if kernel._FAILED:
         return f"torch code (the fused kernel failed: {kernel._FAILED[0].splitlines()[0]})"
-    return "fused kernel" if kernel.fused_tangents_usable(probe, 32) else "torch code"
+    usable = (kernel.fused_tangents_usable(probe, 32) if name == "tangent"
+              else kernel.fused_splat_usable(probe))
+    return "fused kernel" if usable else "torch code"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # use, then one, as a one-dimensional motion leaves it), the same benchmark run from a baseline
 # tree on the same machine, the command's default model size, the whole pipeline's quality
 # (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles for
-# each stage (benchmarks/bench_pipeline.py).
+# each stage (benchmarks/bench_pipeline.py); training and projection with the fused kernels and
+# with the torch code (DYNAMIGHT_FUSED_TANGENTS=0, DYNAMIGHT_FUSED_SPLAT=0).
 #
 #   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
 #     | tar -x -C .gpu_baseline && cp benchmarks/*.py .gpu_baseline/benchmarks/
@@ -28,7 +29,7 @@ REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
 step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
-  tests/test_deformed_backprojection.py tests/test_batch_prefetch.py
+  tests/test_splat_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py
 step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $BIG --profile --profile-output "$WORK/prof"
 if [ -n "$BASELINE" ]; then
@@ -50,6 +51,13 @@ step pipeline 150 python3 benchmarks/bench_quality.py --output-directory "$WORK/
 
 step train_new_unfused 40 env DYNAMIGHT_FUSED_TANGENTS=0 python3 \
   benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
+
+step train_new_torch_splat 40 env DYNAMIGHT_FUSED_SPLAT=0 python3 \
+  benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
+step physics 40 bash -c "python3 benchmarks/bench_physics.py --device $DEV --boxes $BIG $OTHERS \
+  --batch-size $BATCH --n-gaussians $G; DYNAMIGHT_FUSED_SPLAT=0 python3 \
+  benchmarks/bench_physics.py --device $DEV --boxes $BIG $OTHERS --batch-size $BATCH \
+  --n-gaussians $G"
 
 step pipeline_times 150 python3 benchmarks/bench_pipeline.py --output-directory "$WORK/times" \
   "${GPU[@]}" --n-threads 8 "${QUALITY[@]}"

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ._splat_kernel import fused_splat_usable, splat_bilinear_fused
 from .fourier_grids import fftfreq_grid_2d_rfft
 
 
@@ -31,7 +32,12 @@ def splat_bilinear_2d(
     n_classes: int,
     size: int,
 ) -> torch.Tensor:  # (b, n_classes, size, size)
-    """Scatter masses onto a periodic grid with bilinear weights (differentiable in xy and mass)."""
+    """Scatter masses onto a periodic grid with bilinear weights (differentiable in xy and
+    mass). On a GPU with Triton one kernel does it (:mod:`._splat_kernel`)."""
+    if fused_splat_usable(xy_px):
+        grid = splat_bilinear_fused(xy_px, masses, class_index, n_classes, size)
+        if grid is not None:
+            return grid
     b, n, _ = xy_px.shape
     masses = masses.expand(b, n)
     base = torch.floor(xy_px)

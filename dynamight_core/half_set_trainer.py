@@ -12,7 +12,7 @@ Latent codes (:mod:`dynamight_core.latent_inference`): every particle the traine
 training particles and, when given, its validation particles) has a code ``z`` in a table,
 starting at the prior mean 0. Each time a training particle is visited, one Gauss-Newton step
 through the current model (the decoder's forward-mode derivatives and one extra render per
-latent dimension; no backward pass) moves its stored code towards the posterior mode, and the
+latent dimension in use; no backward pass) moves its stored code towards the posterior mode, and the
 decoder trains on a draw from the new Gaussian posterior ``N(z, H⁻¹)`` (its precision ``H``
 comes from that step and is not stored, except for the temporal prior's fit: the next visit
 computes it afresh): variational

@@ -1,0 +1,161 @@
+"""The fused splat kernel (dynamight_core/_splat_kernel.py) against the torch splat.
+
+The truth is :func:`dynamight_core.gaussian_projection.splat_bilinear_2d`'s torch code and its
+autograd gradients (positions that wrap around the periodic grid both ways, shared and
+per-particle masses, several width classes), then the whole projection with and without the
+kernel, then two joint training epochs with and without it. The kernel runs on a CUDA device
+(marker ``gpu``) or, where Triton is installed, in Triton's CPU interpreter (a subprocess:
+``TRITON_INTERPRET`` is read when the kernel is defined). The CPU wheel of torch brings no
+Triton: there the torch code runs and these tests skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynamight_core._splat_kernel import fused_splat_usable
+from dynamight_core.gaussian_projection import splat_bilinear_2d
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+CHECK = textwrap.dedent("""
+    import os, sys, torch
+    from dynamight_core import _splat_kernel, gaussian_projection as gp
+    from dynamight_core._splat_kernel import fused_splat_usable, splat_bilinear_fused
+
+    device = torch.device(sys.argv[1])
+    torch.manual_seed(0)
+    # particles, Gaussians, width classes, grid size, masses per particle
+    for b, n, c, s, batched in ((3, 700, 1, 16, False), (2, 150, 3, 12, True),
+                                (1, 5, 2, 8, False)):
+        xy = ((torch.rand(b, n, 2) - 0.5) * 3 * s).to(device).requires_grad_()
+        masses = (torch.rand(b, n) if batched else torch.rand(n)).to(device).requires_grad_()
+        classes = torch.randint(0, c, (n,)).to(device)
+        assert fused_splat_usable(xy)
+        os.environ["DYNAMIGHT_FUSED_SPLAT"] = "0"
+        assert not fused_splat_usable(xy)
+        truth = gp.splat_bilinear_2d(xy, masses, classes, c, s)
+        os.environ["DYNAMIGHT_FUSED_SPLAT"] = "1"
+        fused = splat_bilinear_fused(xy, masses, classes, c, s)
+        assert fused is not None and fused.shape == truth.shape
+        # atomic additions in another order: float32 rounding
+        torch.testing.assert_close(fused, truth, rtol=1e-5, atol=1e-5)
+        weights = torch.randn_like(truth)
+        expected = torch.autograd.grad((truth * weights).sum(), [xy, masses])
+        got = torch.autograd.grad((fused * weights).sum(), [xy, masses])
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    positions = (torch.randn(300, 3) * 10).to(device).requires_grad_()
+    rotations = torch.linalg.qr(torch.randn(4, 3, 3))[0].to(device)
+    masses = torch.rand(300).to(device).requires_grad_()
+    classes = torch.randint(0, 2, (300,)).to(device)
+    sigmas = torch.tensor([1.0, 2.0]).to(device)
+    results = {}
+    for fused in ("0", "1"):
+        os.environ["DYNAMIGHT_FUSED_SPLAT"] = fused
+        image = gp.project_gaussians_rfft(positions, sigmas, masses, classes, rotations, 32, 2.0)
+        results[fused] = (image, *torch.autograd.grad((image.abs() ** 2).sum(),
+                                                      [positions, masses]))
+    for got, expected in zip(results["1"], results["0"]):
+        error = float((got - expected).abs().max() / expected.abs().max())
+        assert error < 1e-5, error
+    assert not _splat_kernel._FAILED, _splat_kernel._FAILED
+    print("splat and projection match the torch code")
+""")
+
+TRAIN = textwrap.dedent("""
+    import os, sys
+    import numpy as np, torch
+    sys.path.insert(0, "benchmarks")
+    import bench_optimize_deformations as bench
+    from dynamight_core.gaussian_model import init_gaussians_from_map
+    from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
+    from dynamight_core.simulation import consensus_map
+    from dynamight_core import _splat_kernel
+
+    device = torch.device(sys.argv[1])
+    torch.set_num_threads(1)
+    particles, structure = bench._dataset(32, 6.0, 64, 0)
+    gaussians, _ = init_gaussians_from_map(consensus_map(structure, 32, 6.0), 6.0, 300, None, 1,
+                                           torch.Generator().manual_seed(0))
+    results = {}
+    for fused in ("0", "1"):
+        os.environ["DYNAMIGHT_FUSED_SPLAT"] = fused
+        config = TrainerConfig(box_size=32, pixel_size=6.0, n_gaussians=gaussians.n_gaussians,
+                               n_warmup_epochs=1, latent_dim=2, decoder_precision="float32")
+        trainer = HalfSetTrainer(1, config, gaussians, np.arange(64), device)
+        trainer.initialise_noise(bench._batches(particles, np.arange(64), 32, device))
+        for _ in range(3):  # a warm-up epoch (Gaussians alone), then two joint epochs
+            stats = trainer.train_epoch(bench._batches(particles, trainer.epoch_order(), 32,
+                                                       device))
+        results[fused] = (trainer.latents.detach().cpu().clone(),
+                          trainer.model.gaussians.positions.detach().cpu().clone(), stats)
+    assert not _splat_kernel._FAILED, _splat_kernel._FAILED
+    (z0, p0, s0), (z1, p1, s1) = results["0"], results["1"]
+    assert z0.abs().max() > 0.01, "the codes did not move"
+    error = float((z1 - z0).norm() / z0.norm())
+    assert error < 1e-3, error
+    moved = float((p0 - gaussians.positions).norm())
+    assert moved > 0 and float((p1 - p0).norm()) < 1e-3 * moved
+    for key in ("data", "kl"):
+        assert abs(s1[key] - s0[key]) <= 1e-4 * abs(s0[key]) + 1e-6, (key, s0[key], s1[key])
+    print("codes after two joint epochs, fused against torch: relative difference", error)
+""")
+
+
+def _run_check(device: str, env_extra: dict[str, str], script: str = CHECK) -> str:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # the decoder's tangents from the torch code: this file checks the splat alone
+    env = {**os.environ, "DYNAMIGHT_FUSED_TANGENTS": "0", **env_extra, "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, "-c", script, device], env=env, cwd=ROOT, check=False,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_cpu_tensors_use_the_torch_code():
+    """Without a CUDA device (and outside Triton's interpreter) the torch code runs, so CPU
+    results do not depend on whether Triton is installed."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernel would run on the CPU")
+    xy = torch.rand(2, 10, 2) * 8
+    assert not fused_splat_usable(xy)
+    grid = splat_bilinear_2d(xy, torch.ones(10), torch.zeros(10, dtype=torch.long), 1, 8)
+    torch.testing.assert_close(grid.sum((-2, -1)), torch.full((2, 1), 10.0))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch "
+                                           "bring it; the CPU wheel does not)")
+def test_kernel_in_triton_interpreter_matches_the_torch_splat():
+    """The kernels, run by Triton's CPU interpreter, against the torch splat and its
+    gradients, and through the whole projection."""
+    assert "match the torch code" in _run_check("cpu", {"TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch "
+                                           "bring it; the CPU wheel does not)")
+def test_training_with_the_kernel_matches_the_torch_code():
+    """A warm-up and two joint epochs of a half-set trainer, every render's splat from the
+    kernel (Triton's interpreter) and from the torch code: the codes, the Gaussians and the
+    epoch's statistics agree to float32 rounding."""
+    assert "relative difference" in _run_check("cpu", {"TRITON_INTERPRET": "1"}, TRAIN)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernel_on_cuda_matches_the_torch_splat():
+    """The compiled kernels on a GPU against the torch splat, and two joint training epochs
+    with them and without."""
+    assert "match the torch code" in _run_check("cuda", {})
+    assert "relative difference" in _run_check("cuda", {}, TRAIN)
