@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,9 +65,24 @@ class Batch:
     # ``total`` particles split between processes (0 / None: the whole batch)
     offset: int = 0
     total: int | None = None
+    # tensors derived from the batch, computed once (a training step renders it several times:
+    # the codes' model and Jacobian, then the posterior draw); not copied by ``replace``
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
+
+    def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, called the first time ``key`` is asked for on this batch only (for
+        tensors that follow from the batch's data alone: nothing with a gradient)."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = compute()
+        return value
+
+    def images_rfft(self) -> torch.Tensor:  # (b, box, box // 2 + 1) complex
+        """:func:`.fourier_grids.rfft2_centered` of the images, computed once per batch."""
+        return self.derived("images_rfft", lambda: rfft2_centered(self.images))
 
     @property
     def global_size(self) -> int:
@@ -200,9 +216,13 @@ class DeformationModel(nn.Module):
                                       g.class_index, rotations, self.box_size, self.pixel_size)
 
     def _image_factors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each particle's CTF and origin-shift phase, ``(b, box, box // 2 + 1)`` each."""
-        return (ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size),
-                relion_origin_phase_rfft(batch.shifts_angstrom, self.pixel_size, self.box_size))
+        """Each particle's CTF and origin-shift phase, ``(b, box, box // 2 + 1)`` each (once
+        per batch and image geometry)."""
+        return batch.derived(
+            ("image_factors", self.box_size, self.pixel_size),
+            lambda: (ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size),
+                     relion_origin_phase_rfft(batch.shifts_angstrom, self.pixel_size,
+                                              self.box_size)))
 
     def displacements_and_tangents(self, z: torch.Tensor, dtype: torch.dtype | None = None,
                                    dims: torch.Tensor | None = None
@@ -268,7 +288,7 @@ class DeformationModel(nn.Module):
         (zero displacement) without them. Returns ``model_rfft``, ``image_rfft`` and, with
         ``z``, ``displacements`` and ``deformed`` (and with ``tangents`` their derivatives
         ``(b, d, n_g, 3)`` with respect to ``z``, without autograd)."""
-        out: dict[str, torch.Tensor] = {"image_rfft": rfft2_centered(batch.images)}
+        out: dict[str, torch.Tensor] = {"image_rfft": batch.images_rfft()}
         if z is not None:
             if tangents:
                 d, out["tangents"] = self.displacements_and_tangents(z)

@@ -79,7 +79,6 @@ from torch.profiler import record_function
 from .decoder import DeformationDecoder
 from .deformation_model import Batch, DeformationModel, negative_log_likelihood, noise_normalisation
 from .distributed import Group
-from .fourier_grids import rfft2_centered
 from .gaussian_model import GaussianModel
 from .latent_inference import (
     gauss_newton_step,
@@ -387,7 +386,7 @@ class HalfSetTrainer:
         steps = n_steps if bool(known.all()) else max(n_steps, c.inference_steps)
         mean, precision = infer_latents(
             lambda z: self.model.linearise(batch, z, self._jacobian_dims), z0,
-            rfft2_centered(batch.images), self.pixel_weights, steps, beta=c.beta,
+            batch.images_rfft(), self.pixel_weights, steps, beta=c.beta,
             max_step=c.max_latent_step, prior=self._prior(rows, known), active=self.active_dims,
             dims=self._jacobian_dims)
         if store and bool(known.any()):
@@ -591,7 +590,7 @@ class HalfSetTrainer:
         z = self.latents[rows]
         prior = self._prior(rows)
         model, jacobian = self.model.linearise(batch, z, self._jacobian_dims)
-        descent, precision = gauss_newton_system(model, jacobian, z, rfft2_centered(batch.images),
+        descent, precision = gauss_newton_system(model, jacobian, z, batch.images_rfft(),
                                                  self.pixel_weights, self.config.beta, prior,
                                                  self.active_dims, self._jacobian_dims)
         mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)

@@ -47,7 +47,6 @@ import torch
 
 from .deformation_model import Batch, DeformationModel
 from .distributed import Group
-from .fourier_grids import rfft2_centered
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def coefficient_gradients(model: DeformationModel, batch: Batch, pixel_weights: 
     positions = model.gaussians.positions.detach()
     expanded = positions[None].expand(len(batch), -1, -1).clone().requires_grad_(True)
     rendered = model.render(expanded, batch)
-    image_rfft = rfft2_centered(batch.images)
+    image_rfft = batch.images_rfft()
     with torch.no_grad():
         residual = image_rfft - rendered
         noise_image = rendered + residual * torch.polar(torch.ones_like(phases), phases)
@@ -174,7 +173,7 @@ def mode_coefficients(model: DeformationModel, batch: Batch, pixel_weights: torc
     image derivative and its noise variance ``1 / (Jᴴ W J)``: ``(b, m)`` twice."""
     positions = model.gaussians.positions.detach()
     rendered = model.render(positions, batch)
-    residual = rfft2_centered(batch.images) - rendered
+    residual = batch.images_rfft() - rendered
     coefficients, variances = [], []
     for field in fields:
         h = step_angstrom / field.norm(dim=-1).amax().clamp_min(1e-12)
