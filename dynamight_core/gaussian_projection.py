@@ -11,6 +11,7 @@ the splat kernel's transform (sinc²), multiply by each width class's Gaussian k
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -61,6 +62,17 @@ def splat_bilinear_2d(
     return grid.view(b, n_classes, size, size)
 
 
+@functools.lru_cache(maxsize=32)
+def _fourier_factors(box_size: int, pixel_size: float, oversampling: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # (box, box // 2 + 1) each
+    """The splat kernel's transform (sinc²) and ``|k|²`` in (cycles per Å)² on the image's
+    rfft grid: constants of a geometry, computed once (a training step projects several
+    times). Read-only."""
+    k = fftfreq_grid_2d_rfft(box_size, device)  # cycles per coarse pixel
+    splat_kernel = (torch.sinc(k[..., 0] / oversampling) * torch.sinc(k[..., 1] / oversampling)) ** 2
+    return splat_kernel, (k * k).sum(-1) / pixel_size**2
+
+
 def project_gaussians_rfft(
     positions: torch.Tensor,  # (n, 3) or (b, n, 3) Å, xyz relative to the box centre
     sigmas: torch.Tensor,  # (n_classes,) Å
@@ -87,9 +99,8 @@ def project_gaussians_rfft(
     half, negative = box_size // 2 + 1, box_size // 2
     ft = torch.cat([ft[..., : box_size - negative, :half], ft[..., fine - negative:, :half]],
                    dim=-2)  # (b, c, box, box//2+1)
-    k = fftfreq_grid_2d_rfft(box_size, positions.device)  # cycles per coarse pixel
-    splat_kernel = (torch.sinc(k[..., 0] / oversampling) * torch.sinc(k[..., 1] / oversampling)) ** 2
-    k2 = (k * k).sum(-1) / pixel_size**2  # (cycles per Å)²
+    splat_kernel, k2 = _fourier_factors(box_size, float(pixel_size), oversampling,
+                                        positions.device)
     gauss = torch.exp(-2.0 * math.pi**2 * sigmas.to(k2.dtype)[:, None, None] ** 2 * k2)
     return (ft * (gauss / splat_kernel)).sum(dim=1)
 
