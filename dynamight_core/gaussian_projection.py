@@ -87,11 +87,12 @@ def project_gaussians_rfft(
     b = rotations.shape[0]
     if positions.ndim == 2:
         positions = positions.expand(b, -1, -1)
-    rotated = torch.einsum("bij,bnj->bni", rotations.to(positions.dtype), positions)
+    # the rotated x and y alone (z is integrated over): one batched product, (b, n, 2)
+    rotated_xy = torch.matmul(positions, rotations[:, :2].to(positions.dtype).transpose(-1, -2))
     fine = box_size * oversampling
     # the box centre at index 0 of the periodic grid: the splat is the ifftshift of a
     # centred splat, and the rfft2 needs no shift
-    xy_fine = rotated[..., :2] / pixel_size * oversampling
+    xy_fine = rotated_xy / pixel_size * oversampling
     n_classes = sigmas.shape[0]
     grid = splat_bilinear_2d(xy_fine, masses, class_index, n_classes, fine)
     ft = torch.fft.rfft2(grid)
