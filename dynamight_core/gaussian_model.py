@@ -29,6 +29,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch import nn
 
+from .device import adam
+
 logger = logging.getLogger(__name__)
 
 RenderFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -201,11 +203,11 @@ def fit_gaussians_to_map(
                                         dtype=model.positions.dtype)
     min_sigma = 0.5 * voxel_size if min_sigma_angstrom is None else min_sigma_angstrom
     mass_scale = float(model.amplitudes.detach().abs().mean().clamp_min(1e-12))
-    optimiser = torch.optim.Adam([
+    optimiser = adam([
         {"params": [model.positions], "lr": lr * voxel_size},
         {"params": [model.log_sigmas], "lr": lr},
         {"params": [model.amplitudes], "lr": lr * mass_scale},
-    ])
+    ], model.positions.device)
     # cosine decay to a tenth of the step size over the run
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(n_steps, 1))))

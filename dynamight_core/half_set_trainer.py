@@ -78,6 +78,7 @@ from torch.profiler import record_function
 
 from .decoder import DeformationDecoder
 from .deformation_model import Batch, DeformationModel, negative_log_likelihood, noise_normalisation
+from .device import adam, load_adam_state
 from .distributed import Group
 from .gaussian_model import GaussianModel
 from .latent_inference import (
@@ -201,12 +202,12 @@ class HalfSetTrainer:
             c.repulsion_distance = 0.5 * mean_neighbour_distance(gaussians.positions)
         g = self.model.gaussians
         mass_scale = float(g.amplitudes.detach().abs().mean().clamp_min(1e-12))
-        self.optimiser = torch.optim.Adam([
+        self.optimiser = adam([
             {"params": [g.positions], "lr": c.gaussian_learning_rate * c.pixel_size},
             {"params": [g.log_sigmas], "lr": c.gaussian_learning_rate},
             {"params": [g.amplitudes], "lr": c.gaussian_learning_rate * mass_scale},
             {"params": list(self.model.decoder.parameters()), "lr": c.learning_rate},
-        ])
+        ], self.device)
         self.noise = RadialNoiseEstimate(c.box_size, device=self.device)
         self.noise_weights = self.noise.weights()
         self.noise_norm = 1.0
@@ -705,7 +706,7 @@ class HalfSetTrainer:
         final = state.get("final_latents")
         self.final_latents = None if final is None else final.to(self.device)
         self.model.to(self.device)
-        self.optimiser.load_state_dict(state["optimiser"])
+        load_adam_state(self.optimiser, state["optimiser"])
         self.noise.power_sum.copy_(state["noise_power_sum"])
         self.noise.count.copy_(state["noise_count"])
         self._refresh_noise()

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ._latent_mlp import LatentConditionedMLP
+from .device import adam, load_adam_state
 
 
 class InverseDeformationNetwork(LatentConditionedMLP):
@@ -153,7 +154,7 @@ class InverseDeformationTrainer:
                                                 config.latent_dim, config.n_neurons,
                                                 config.n_linear_layers, config.n_freqs)
         self.network = network.to(self.device)
-        self.optimiser = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.optimiser = adam(self.network.parameters(), self.device, lr=config.learning_rate)
         self.shuffle_generator = torch.Generator().manual_seed(seed)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
         self.epoch = 0
@@ -262,7 +263,7 @@ class InverseDeformationTrainer:
         self.epoch = int(state["epoch"])
         self.network.load_state_dict(state["network"])
         self.network.to(self.device)
-        self.optimiser.load_state_dict(state["optimiser"])
+        load_adam_state(self.optimiser, state["optimiser"])
         self.train_indices = state["train_indices"].numpy().astype(np.int64)
         self.shuffle_generator.set_state(state["shuffle_rng"])
         self.sample_generator.set_state(state["sample_rng"].to(torch.uint8).cpu())

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .deformation_model import Batch, DeformationModel
+from .device import adam
 from .distributed import Group
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def fit_decoder_to_modes(model: DeformationModel, fields: torch.Tensor,  # (d, n
         positions, fields = positions[decoder.movable_mask], fields[:, decoder.movable_mask]
     device = positions.device
     scale = decoder.half_box_angstrom
-    optimiser = torch.optim.Adam(decoder.parameters(), lr=learning_rate)
+    optimiser = adam(decoder.parameters(), device, lr=learning_rate)
     n_g = positions.shape[0]
     with torch.enable_grad():
         for _ in range(n_steps):

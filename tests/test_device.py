@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamight_core.device import choose_device, cpu_has_native_bfloat16, resolve_decoder_precision
+from dynamight_core.device import (
+    adam,
+    choose_device,
+    cpu_has_native_bfloat16,
+    load_adam_state,
+    resolve_decoder_precision,
+)
 
 
 def test_cpu_without_gpu_id():
@@ -27,3 +33,42 @@ def test_explicit_precisions_are_kept_and_bad_ones_rejected():
     assert resolve_decoder_precision("auto", cpu) == expected
     with pytest.raises(ValueError, match="decoder precision"):
         resolve_decoder_precision("half", cpu)
+
+
+def _adam_steps(device: str, fused_expected: bool, state: dict | None = None):
+    torch.manual_seed(0)
+    params = [torch.randn(40, 3, device=device, requires_grad=True),
+              torch.randn(7, device=device, requires_grad=True)]
+    optimiser = adam([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}],
+                     torch.device(device))
+    if state is not None:
+        load_adam_state(optimiser, state)
+    assert bool(optimiser.param_groups[0]["fused"]) == fused_expected
+    for _ in range(3):
+        optimiser.zero_grad()
+        sum((p ** 3).sum() for p in params).backward()
+        optimiser.step()
+    return [p.detach().cpu() for p in params], optimiser.state_dict()
+
+
+def test_adam_is_the_plain_one_on_the_cpu_and_a_fused_state_continues_there():
+    params, state = _adam_steps("cpu", fused_expected=False)
+    assert all(torch.isfinite(p).all() for p in params)
+    # a state written by the fused kernel (a GPU run's checkpoint) continues unfused
+    for group in state["param_groups"]:
+        group["fused"] = True
+    continued, _ = _adam_steps("cpu", fused_expected=False, state=state)
+    assert not torch.equal(continued[0], params[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adam_is_fused_on_a_gpu_and_takes_the_plain_steps():
+    """The fused kernel is the same algorithm: the same parameters to float32 rounding as on
+    the CPU, and its state (a checkpoint) continues on the CPU and back."""
+    cpu, cpu_state = _adam_steps("cpu", fused_expected=False)
+    gpu, gpu_state = _adam_steps("cuda", fused_expected=True)
+    for a, b in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    _adam_steps("cpu", fused_expected=False, state=gpu_state)
+    _adam_steps("cuda", fused_expected=True, state=cpu_state)
