@@ -115,6 +115,9 @@ def bench_box(args, box: int, device: torch.device) -> None:
         networks = 0.0
 
         def step(batch: Batch) -> float:
+            # the previous batch's backprojection first: on a GPU it runs asynchronously, and
+            # without this wait its kernels were timed as this batch's decoder and field
+            sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 z = torch.randn(len(batch), 2, generator=g).to(device)  # the stored codes
