@@ -30,28 +30,18 @@ import os
 
 import torch
 
-try:  # optional: CUDA builds of torch bring Triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the CPU wheel has no Triton
-    triton = None
-    tl = None
-
+from ._triton_support import interpreting, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
 _BLOCK = 256  # (particle, Gaussian) pairs per program
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def fused_splat_usable(xy_px: torch.Tensor) -> bool:
     """Whether :func:`splat_bilinear_fused` can run for positions ``xy_px``."""
     if triton is None or _FAILED or os.environ.get("DYNAMIGHT_FUSED_SPLAT", "1") == "0":
         return False
-    return (xy_px.is_cuda or _interpreting()) and xy_px.dtype == torch.float32
+    return (xy_px.is_cuda or interpreting()) and xy_px.dtype == torch.float32
 
 
 if triton is not None:

@@ -30,27 +30,17 @@ import os
 
 import torch
 
-try:  # optional: CUDA builds of torch bring Triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the CPU wheel has no Triton
-    triton = None
-    tl = None
-
+from ._triton_support import interpreting, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def fused_tangents_usable(h: torch.Tensor, width: int) -> bool:
     """Whether :func:`latent_tangents` can run for activations ``h`` of layer width ``width``."""
     if triton is None or _FAILED or os.environ.get("DYNAMIGHT_FUSED_TANGENTS", "1") == "0":
         return False
-    if not (h.is_cuda or _interpreting()):
+    if not (h.is_cuda or interpreting()):
         return False
     return width >= 16 and width & (width - 1) == 0 and h.dtype in (torch.float32,
                                                                      torch.bfloat16)
@@ -137,7 +127,7 @@ def latent_tangents(
                 _tangent_kernel[grid](h0, stacked, wz, weights, wo, out, n_rows, m, d,
                                       L=len(steps), W=w, DP=dp, R=rows, OP=16,
                                       # Triton's CPU interpreter gets bfloat16 products wrong
-                                      BF16=h0.dtype == torch.bfloat16 and not _interpreting(),
+                                      BF16=h0.dtype == torch.bfloat16 and not interpreting(),
                                       num_warps=8)
         except Exception as error:  # noqa: BLE001 - any build or launch failure: torch code
             _FAILED.append(f"{type(error).__name__}: {error}")

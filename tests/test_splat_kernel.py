@@ -11,21 +11,15 @@ Triton: there the torch code runs and these tests skip.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_checks import HAS_TRITON, NO_TRITON, run_check, training_comparison
 
 from dynamight_core._splat_kernel import fused_splat_usable
 from dynamight_core.gaussian_projection import splat_bilinear_2d
-
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 CHECK = textwrap.dedent("""
     import os, sys, torch
@@ -73,56 +67,6 @@ CHECK = textwrap.dedent("""
     print("splat and projection match the torch code")
 """)
 
-TRAIN = textwrap.dedent("""
-    import os, sys
-    import numpy as np, torch
-    sys.path.insert(0, "benchmarks")
-    import bench_optimize_deformations as bench
-    from dynamight_core.gaussian_model import init_gaussians_from_map
-    from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
-    from dynamight_core.simulation import consensus_map
-    from dynamight_core import _splat_kernel
-
-    device = torch.device(sys.argv[1])
-    torch.set_num_threads(1)
-    particles, structure = bench._dataset(32, 6.0, 64, 0)
-    gaussians, _ = init_gaussians_from_map(consensus_map(structure, 32, 6.0), 6.0, 300, None, 1,
-                                           torch.Generator().manual_seed(0))
-    results = {}
-    for fused in ("0", "1"):
-        os.environ["DYNAMIGHT_FUSED_SPLAT"] = fused
-        config = TrainerConfig(box_size=32, pixel_size=6.0, n_gaussians=gaussians.n_gaussians,
-                               n_warmup_epochs=1, latent_dim=2, decoder_precision="float32")
-        trainer = HalfSetTrainer(1, config, gaussians, np.arange(64), device)
-        trainer.initialise_noise(bench._batches(particles, np.arange(64), 32, device))
-        for _ in range(3):  # a warm-up epoch (Gaussians alone), then two joint epochs
-            stats = trainer.train_epoch(bench._batches(particles, trainer.epoch_order(), 32,
-                                                       device))
-        results[fused] = (trainer.latents.detach().cpu().clone(),
-                          trainer.model.gaussians.positions.detach().cpu().clone(), stats)
-    assert not _splat_kernel._FAILED, _splat_kernel._FAILED
-    (z0, p0, s0), (z1, p1, s1) = results["0"], results["1"]
-    assert z0.abs().max() > 0.01, "the codes did not move"
-    error = float((z1 - z0).norm() / z0.norm())
-    assert error < 1e-3, error
-    moved = float((p0 - gaussians.positions).norm())
-    assert moved > 0 and float((p1 - p0).norm()) < 1e-3 * moved
-    for key in ("data", "kl"):
-        assert abs(s1[key] - s0[key]) <= 1e-4 * abs(s0[key]) + 1e-6, (key, s0[key], s1[key])
-    print("codes after two joint epochs, fused against torch: relative difference", error)
-""")
-
-
-def _run_check(device: str, env_extra: dict[str, str], script: str = CHECK) -> str:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # the decoder's tangents from the torch code: this file checks the splat alone
-    env = {**os.environ, "DYNAMIGHT_FUSED_TANGENTS": "0", **env_extra, "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, "-c", script, device], env=env, cwd=ROOT, check=False,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def test_cpu_tensors_use_the_torch_code():
     """Without a CUDA device (and outside Triton's interpreter) the torch code runs, so CPU
     results do not depend on whether Triton is installed."""
@@ -134,21 +78,20 @@ def test_cpu_tensors_use_the_torch_code():
     torch.testing.assert_close(grid.sum((-2, -1)), torch.full((2, 1), 10.0))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch "
-                                           "bring it; the CPU wheel does not)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 def test_kernel_in_triton_interpreter_matches_the_torch_splat():
     """The kernels, run by Triton's CPU interpreter, against the torch splat and its
     gradients, and through the whole projection."""
-    assert "match the torch code" in _run_check("cpu", {"TRITON_INTERPRET": "1"})
+    assert "match the torch code" in run_check("splat", CHECK, "cpu", interpret=True)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch "
-                                           "bring it; the CPU wheel does not)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 def test_training_with_the_kernel_matches_the_torch_code():
     """A warm-up and two joint epochs of a half-set trainer, every render's splat from the
     kernel (Triton's interpreter) and from the torch code: the codes, the Gaussians and the
     epoch's statistics agree to float32 rounding."""
-    assert "relative difference" in _run_check("cpu", {"TRITON_INTERPRET": "1"}, TRAIN)
+    script = training_comparison("splat", warmup_epochs=1)
+    assert "relative difference" in run_check("splat", script, "cpu", interpret=True)
 
 
 @pytest.mark.gpu
@@ -157,5 +100,6 @@ def test_training_with_the_kernel_matches_the_torch_code():
 def test_kernel_on_cuda_matches_the_torch_splat():
     """The compiled kernels on a GPU against the torch splat, and two joint training epochs
     with them and without."""
-    assert "match the torch code" in _run_check("cuda", {})
-    assert "relative difference" in _run_check("cuda", {}, TRAIN)
+    assert "match the torch code" in run_check("splat", CHECK, "cuda", interpret=False)
+    script = training_comparison("splat", warmup_epochs=1)
+    assert "relative difference" in run_check("splat", script, "cuda", interpret=False)

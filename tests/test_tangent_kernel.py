@@ -8,21 +8,15 @@ wheel of torch brings no Triton: there the plain torch code runs and these tests
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_checks import HAS_TRITON, NO_TRITON, run_check, training_comparison
 
 from dynamight_core._latent_mlp import LatentConditionedMLP
 from dynamight_core._tangent_kernel import fused_tangents_usable
-
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 CHECK = textwrap.dedent("""
     import os, sys, torch
@@ -71,54 +65,6 @@ CHECK = textwrap.dedent("""
 """)
 
 
-TRAIN = textwrap.dedent("""
-    import os, sys
-    import numpy as np, torch
-    sys.path.insert(0, "benchmarks")
-    import bench_optimize_deformations as bench
-    from dynamight_core.gaussian_model import init_gaussians_from_map
-    from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
-    from dynamight_core.simulation import consensus_map
-    from dynamight_core import _tangent_kernel
-
-    device = torch.device(sys.argv[1])
-    torch.set_num_threads(1)
-    particles, structure = bench._dataset(32, 6.0, 64, 0)
-    gaussians, _ = init_gaussians_from_map(consensus_map(structure, 32, 6.0), 6.0, 300, None, 1,
-                                           torch.Generator().manual_seed(0))
-    results = {}
-    for fused in ("0", "1"):
-        os.environ["DYNAMIGHT_FUSED_TANGENTS"] = fused
-        config = TrainerConfig(box_size=32, pixel_size=6.0, n_gaussians=gaussians.n_gaussians,
-                               latent_dim=3, n_linear_layers=2, decoder_precision="float32")
-        trainer = HalfSetTrainer(1, config, gaussians, np.arange(64), device)
-        every = np.arange(64)
-        trainer.initialise_noise(bench._batches(particles, every, 32, device))
-        for _ in range(2):  # joint epochs: codes through the tangents, then a decoder update
-            stats = trainer.train_epoch(bench._batches(particles, trainer.epoch_order(), 32,
-                                                       device))
-        results[fused] = (trainer.latents.detach().cpu().clone(), stats)
-    assert not _tangent_kernel._FAILED, _tangent_kernel._FAILED
-    (z0, s0), (z1, s1) = results["0"], results["1"]
-    assert z0.abs().max() > 0.01, "the codes did not move"
-    error = float((z1 - z0).norm() / z0.norm())
-    assert error < 1e-3, error
-    for key in ("data", "kl"):
-        assert abs(s1[key] - s0[key]) <= 1e-4 * abs(s0[key]) + 1e-6, (key, s0[key], s1[key])
-    print("codes after two joint epochs, fused against torch: relative difference", error)
-""")
-
-
-def _run_check(device: str, env_extra: dict[str, str], script: str = CHECK) -> str:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # the splat from the torch code: this file checks the tangents alone
-    env = {**os.environ, "DYNAMIGHT_FUSED_SPLAT": "0", **env_extra, "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, "-c", script, device], env=env, cwd=ROOT, check=False,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def test_cpu_tensors_use_the_torch_code():
     """Without a CUDA device (and outside Triton's interpreter) the plain torch code runs, so
     CPU results do not depend on whether Triton is installed."""
@@ -130,22 +76,20 @@ def test_cpu_tensors_use_the_torch_code():
     assert tangents.shape == (3, 2, 10, 3)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch "
-                                           "bring it; the CPU wheel does not)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 def test_kernel_in_triton_interpreter_matches_autograd():
     """The kernel, run by Triton's CPU interpreter, against float64 autograd (float32 path;
     the interpreter computes bfloat16 products wrongly, so they are checked on a GPU)."""
-    out = _run_check("cpu", {"TRITON_INTERPRET": "1"})
+    out = run_check("tangent", CHECK, "cpu", interpret=True)
     assert "worst relative error" in out
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch "
-                                           "bring it; the CPU wheel does not)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 def test_training_with_the_kernel_matches_the_torch_code():
     """Two joint epochs of a half-set trainer (float32 decoder, 3 latent dimensions), the
     tangents from the kernel (Triton's interpreter) and from the torch code: the codes and
     the epoch's statistics agree to float32 rounding."""
-    out = _run_check("cpu", {"TRITON_INTERPRET": "1"}, TRAIN)
+    out = run_check("tangent", training_comparison("tangent"), "cpu", interpret=True)
     assert "relative difference" in out
 
 
@@ -155,7 +99,7 @@ def test_training_with_the_kernel_matches_the_torch_code():
 def test_kernel_on_cuda_matches_autograd():
     """The compiled kernel on a GPU, float32 and bfloat16, against float64 autograd and
     against the plain torch code; and two joint training epochs with it and without."""
-    out = _run_check("cuda", {})
+    out = run_check("tangent", CHECK, "cuda", interpret=False)
     assert "worst relative error" in out
-    out = _run_check("cuda", {}, TRAIN)
+    out = run_check("tangent", training_comparison("tangent"), "cuda", interpret=False)
     assert "relative difference" in out
