@@ -50,9 +50,9 @@ class Mutation:
 
 MUTATIONS = [
     Mutation("ctf-dropped", "dynamight_core/deformation_model.py",
-             "projection = projection * ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size)",
-             "projection = projection",
-             "the training model's images without the CTF"),
+             "lambda: (ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size),",
+             "lambda: (torch.ones_like(ctf_2d_rfft(batch.ctf, self.box_size, self.pixel_size)),",
+             "the training model's images (and their Jacobian) without the CTF"),
     Mutation("prior-dropped", "dynamight_core/latent_inference.py",
              "descent = data - p * offset",
              "descent = data",
@@ -90,10 +90,8 @@ MUTATIONS = [
              "return multiplicity * (noise_weights > 0) * noise_norm",
              "the inference ignores the noise spectrum"),
     Mutation("origin-sign", "dynamight_core/shift.py",
-             "return projections_rfft * phase_ramp_2d_rfft(-shifts_angstrom / pixel_size, "
-             "box_size)",
-             "return projections_rfft * phase_ramp_2d_rfft(shifts_angstrom / pixel_size, "
-             "box_size)",
+             "return phase_ramp_2d_rfft(-shifts_angstrom / pixel_size, box_size)",
+             "return phase_ramp_2d_rfft(shifts_angstrom / pixel_size, box_size)",
              "images moved by +rlnOrigin instead of -rlnOrigin"),
     Mutation("no-code-update", "dynamight_core/half_set_trainer.py",
              "mean = gauss_newton_step(z, descent, precision, self.config.max_latent_step)",

@@ -189,3 +189,4 @@ def test_without_motion_or_model_error_no_mode_stands_out_of_the_noise(moving):
     assert (trainer.stored_latents(train)[:, 0] != 0).any()
     restored = HalfSetTrainer.from_state_dict(trainer.state_dict(), CPU)
     assert restored.active_dims.tolist() == [True, False]
+    assert restored._jacobian_dims.tolist() == [0]  # no render for the unused one
