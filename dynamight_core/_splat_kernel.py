@@ -67,12 +67,21 @@ if triton is not None:
             (row + y1) * size + x0, (row + y1) * size + x1
 
     @triton.jit
+    def _masses(mass_ptr, pairs, n, ok, BATCHED_MASS: tl.constexpr):
+        """Each pair's mass: per particle and Gaussian, or one per Gaussian."""
+        if BATCHED_MASS:
+            index = pairs
+        else:
+            index = pairs % n
+        return tl.load(mass_ptr + index, mask=ok, other=0.0)
+
+    @triton.jit
     def _splat_forward(xy_ptr, mass_ptr, cls_ptr, grid_ptr, n_pairs, n, n_classes, size,
                        BATCHED_MASS: tl.constexpr, BLOCK: tl.constexpr):
         pairs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         ok = pairs < n_pairs
         fx, fy, i00, i10, i01, i11 = _corners(xy_ptr, cls_ptr, pairs, n, n_classes, size, ok)
-        m = tl.load(mass_ptr + (pairs if BATCHED_MASS else pairs % n), mask=ok, other=0.0)
+        m = _masses(mass_ptr, pairs, n, ok, BATCHED_MASS)
         # the weights as the torch code forms them: (mass * wy) * wx
         tl.atomic_add(grid_ptr + i00, m * (1.0 - fy) * (1.0 - fx), mask=ok)
         tl.atomic_add(grid_ptr + i10, m * (1.0 - fy) * fx, mask=ok)
@@ -86,7 +95,7 @@ if triton is not None:
         pairs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         ok = pairs < n_pairs
         fx, fy, i00, i10, i01, i11 = _corners(xy_ptr, cls_ptr, pairs, n, n_classes, size, ok)
-        m = tl.load(mass_ptr + (pairs if BATCHED_MASS else pairs % n), mask=ok, other=0.0)
+        m = _masses(mass_ptr, pairs, n, ok, BATCHED_MASS)
         g00 = tl.load(grad_ptr + i00, mask=ok, other=0.0)
         g10 = tl.load(grad_ptr + i10, mask=ok, other=0.0)
         g01 = tl.load(grad_ptr + i01, mask=ok, other=0.0)
