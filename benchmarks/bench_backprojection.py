@@ -10,7 +10,8 @@ is replaced by random weights (displacements of a few Å, so the field is non-ze
 inside the model), white-noise images, random poses, shifts and CTFs. The field grid is
 ``choose_grid_size`` (about 8 Gaussians per node), as in the command.
 
-One line per box: particles timed, wall seconds, particles/s, CPU seconds per particle
+On a CUDA device with Triton the voxel lookup is one kernel per batch (the header says which;
+``DYNAMIGHT_FUSED_LOOKUP=0`` selects the torch code). One line per box: particles timed, wall seconds, particles/s, CPU seconds per particle
 (``time.process_time``, all threads of the process), the share of the decoder + field, and peak
 memory (``torch.cuda.max_memory_allocated`` on CUDA, reset per box; on CPU the process's maximum
 RSS from ``getrusage``, a high-water mark over the whole run, ``+N`` = how much this box raised
@@ -46,6 +47,7 @@ from _common import (
     sync,
 )
 
+from dynamight_core._lookup_kernel import fused_lookup_usable
 from dynamight_core.decoder import DeformationDecoder
 from dynamight_core.deformation_model import Batch, DeformationModel
 from dynamight_core.deformed_backprojection import DeformedBackprojector, choose_grid_size
@@ -152,7 +154,9 @@ def main(args: argparse.Namespace) -> None:
     device = setup_device(args)
     boxes = args.boxes or ([64, 128, 256, 320] if device.type == "cuda" else [64, 128])
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print_header(device, f"load average {load}", f"{args.n_gaussians} Gaussians")
+    fused = fused_lookup_usable(torch.empty(0, device=device))
+    print_header(device, f"load average {load}", f"{args.n_gaussians} Gaussians",
+                 f"voxel lookup: {'fused kernel' if fused else 'torch code'}")
     for box in boxes:
         bench_box(args, box, device)
 

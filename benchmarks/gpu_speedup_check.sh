@@ -5,7 +5,8 @@
 # tree on the same machine, the command's default model size, the whole pipeline's quality
 # (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles for
 # each stage (benchmarks/bench_pipeline.py); training and projection with the fused kernels and
-# with the torch code (DYNAMIGHT_FUSED_TANGENTS=0, DYNAMIGHT_FUSED_SPLAT=0).
+# with the torch code (DYNAMIGHT_FUSED_TANGENTS=0, DYNAMIGHT_FUSED_SPLAT=0); the deformed
+# backprojection with its fused voxel lookup and with the torch code (DYNAMIGHT_FUSED_LOOKUP=0).
 #
 #   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
 #     | tar -x -C .gpu_baseline && cp benchmarks/*.py .gpu_baseline/benchmarks/
@@ -29,7 +30,7 @@ REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
 step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
-  tests/test_splat_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
+  tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
   tests/test_device.py
 step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $BIG --profile --profile-output "$WORK/prof"
@@ -47,6 +48,9 @@ step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --de
   --boxes 64 128 256 --n-particles $N
 step backprojection 30 python3 benchmarks/bench_backprojection.py --device $DEV \
   --boxes $BIG $OTHERS --n-gaussians $G --batch-size 32 --n-particles 512
+step backprojection_torch_lookup 30 env DYNAMIGHT_FUSED_LOOKUP=0 python3 \
+  benchmarks/bench_backprojection.py --device $DEV --boxes $BIG $OTHERS --n-gaussians $G \
+  --batch-size 32 --n-particles 512
 step pipeline 150 python3 benchmarks/bench_quality.py --output-directory "$WORK/quality" \
   --presets twist-hinge --snrs 0.05 "${GPU[@]}" --n-threads 8 --job-name gpu "${QUALITY[@]}"
 

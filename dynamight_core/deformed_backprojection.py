@@ -17,6 +17,9 @@ weights are inserted on the same, unpadded, box grid and scaled by ``box``. The 
 the rigid approximation (the deformation's effect on the CTF² sampling is ignored), as in the
 DynaMight paper; with zero deformation the result matches :class:`.FourierAccumulator`.
 
+On a CUDA device with Triton the lookup and sum over a batch are one kernel
+(:mod:`._lookup_kernel`, the same arithmetic); elsewhere the torch code below.
+
 ``c_i`` is read by bilinear interpolation of a 2× oversampled copy (Fourier zero-padding) whose
 spectrum is divided by the bilinear kernel's transfer function ``sinc²(kx) sinc²(ky)`` (k in
 cycles per fine pixel): the gridding correction, which makes a lookup of a band-limited image
@@ -37,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._lookup_kernel import fused_lookup_usable, lookup_accumulate_fused
 from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
 from .ctf import ctf_2d_rfft
 from .fourier_grids import (
@@ -162,6 +166,9 @@ class DeformedBackprojector:
         insert_slices_rfft_3d(None, self.weight, None, ctf2[:, keep], coords)
 
         lookup = self._lookup_coordinates(rotations, displacement_grid, fine.shape[-1])
+        if fused_lookup_usable(fine) and lookup_accumulate_fused(fine, lookup, self.data):
+            self.n_particles += b  # one kernel for the whole batch (:mod:`._lookup_kernel`)
+            return
         per_particle = box**3
         n_batch = max(1, min(b, self.max_chunk_voxels // per_particle))
         n_z = box if n_batch > 1 else max(1, min(box, self.max_chunk_voxels // (box * box)))

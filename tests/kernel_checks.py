@@ -1,5 +1,5 @@
 """Helpers for the tests of the core's GPU kernels (``test_tangent_kernel.py``,
-``test_splat_kernel.py``).
+``test_splat_kernel.py``, ``test_lookup_kernel.py``).
 
 A kernel runs on a CUDA device or, where Triton is installed, in Triton's CPU interpreter. The
 interpreter is chosen by ``TRITON_INTERPRET=1`` when a kernel is defined, so every check runs in
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_TRITON = "Triton is not installed (CUDA builds of torch bring it; the CPU wheel does not)"
 # each kernel's switch (the environment variable that selects the torch code with "0")
-SWITCHES = {"tangent": "DYNAMIGHT_FUSED_TANGENTS", "splat": "DYNAMIGHT_FUSED_SPLAT"}
+SWITCHES = {"tangent": "DYNAMIGHT_FUSED_TANGENTS", "splat": "DYNAMIGHT_FUSED_SPLAT",
+            "lookup": "DYNAMIGHT_FUSED_LOOKUP"}
 
 
 def run_check(kernel: str, script: str, device: str, *, interpret: bool) -> str:
