@@ -88,10 +88,12 @@ class LatentConditionedMLP(nn.Module):
         positions_angstrom: torch.Tensor,  # (m, 3) shared, Å
         z: torch.Tensor,  # (b, d)
         dims: torch.Tensor | None = None,  # (k,) int64: the coordinates to differentiate by
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # out (b, m, 3), tangents (b, k, m, 3) detached
+        *,
+        tangent_rows: int | None = None,  # tangents of the first rows of z only (default all)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # out (b, m, 3), tangents (r, k, m, 3) detached
         """:meth:`_mlp` and its derivatives with respect to the latent coordinates ``dims``
-        (all of them by default; module docstring); the output keeps its autograd graph, the
-        tangents have none."""
+        (all of them by default; module docstring) for the first ``tangent_rows`` codes; the
+        output keeps its autograd graph, the tangents have none."""
         x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
         position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # (m, w)
         latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
@@ -102,6 +104,8 @@ class LatentConditionedMLP(nn.Module):
             steps.append(step)
             h = h + step
         out = self.output_layer(h)
+        if tangent_rows is not None:  # leading rows of contiguous tensors: still contiguous
+            first, steps = first[:tangent_rows], [step[:tangent_rows] for step in steps]
         weights = [layer.weight for layer in self.hidden_layers]
         # the tangent along z_k starts from W_z's column k: a subset of coordinates is a
         # subset of columns (an exact copy, so each tangent is what the full set gives)

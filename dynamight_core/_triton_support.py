@@ -1,6 +1,6 @@
-"""Triton for the core's GPU kernels (:mod:`._tangent_kernel`, :mod:`._splat_kernel`), where it
-is installed: CUDA builds of torch bring it, the CPU wheel does not (then ``triton`` and ``tl``
-are None and the kernels' torch code runs)."""
+"""Triton for the core's GPU kernels (:mod:`._tangent_kernel`, :mod:`._splat_kernel`,
+:mod:`._lookup_kernel`), where it is installed: CUDA builds of torch bring it, the CPU wheel
+does not (then ``triton`` and ``tl`` are None and the kernels' torch code runs)."""
 
 from __future__ import annotations
 

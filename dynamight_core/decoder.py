@@ -34,6 +34,13 @@ from ._latent_mlp import LatentConditionedMLP
 logger = logging.getLogger(__name__)
 
 
+def _with_anchor_row(z: torch.Tensor) -> torch.Tensor:  # (b + 1, d)
+    """The codes and ``z = 0`` below them: the anchor ``f(x, 0)`` is one more row of the same
+    pass (one set of launches for both, the positional encoding computed once), not a second
+    pass of its own."""
+    return torch.cat([z, z.new_zeros(1, z.shape[-1])])
+
+
 class DeformationDecoder(LatentConditionedMLP):
     """Maps consensus positions ``(n_g, 3)`` Å and latents ``(b, d)`` to displacements
     ``(b, n_g, 3)`` Å, anchored so that the code ``z = 0`` (the prior mean) never moves anything:
@@ -107,12 +114,14 @@ class DeformationDecoder(LatentConditionedMLP):
         return displacements
 
     def _anchored(self, positions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self._mlp(positions, z) - self._mlp(positions, z.new_zeros(1, z.shape[-1]))
+        out = self._mlp(positions, _with_anchor_row(z))
+        return out[:-1] - out[-1:]
 
     def _anchored_and_tangents(self, positions: torch.Tensor, z: torch.Tensor,
                                dims: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, tangents = self._mlp_and_tangents(positions, z, dims)
-        return out - self._mlp(positions, z.new_zeros(1, z.shape[-1])), tangents
+        out, tangents = self._mlp_and_tangents(positions, _with_anchor_row(z), dims,
+                                               tangent_rows=z.shape[0])
+        return out[:-1] - out[-1:], tangents
 
     def forward_with_tangents(
         self,
