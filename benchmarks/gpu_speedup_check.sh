@@ -44,6 +44,9 @@ step train_new_boxes 50 python3 benchmarks/bench_optimize_deformations.py "${REF
 # Jacobian is then not rendered
 step train_new_one_dimension_used 40 python3 benchmarks/bench_optimize_deformations.py \
   "${REF[@]}" --boxes $BIG $OTHERS --active-dimensions 1
+# larger batches: the same host work per step for four times the particles
+step train_new_batch512 40 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
+  --boxes $BIG --batch-size $(( BATCH * 4 ))
 step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --device $DEV \
   --boxes 64 128 256 --n-particles $N
 step backprojection 30 python3 benchmarks/bench_backprojection.py --device $DEV \
