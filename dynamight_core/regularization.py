@@ -26,6 +26,7 @@ Rules (all distances in Å, positions xyz relative to the box centre):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -151,6 +152,34 @@ def _gradient_norm(loss: torch.Tensor, params: list[torch.Tensor],
     return float(torch.stack(squares).sum().sqrt())
 
 
+def lambda_from_terms(signal_squared: float, reg_norm: float, factor: float,
+                      fallback: float | None = None) -> float:
+    """``factor * sqrt(max(signal_squared, 0)) / reg_norm``: λ from the squared size of the
+    data gradient (or of its signal part) and the regulariser gradient's norm. When the
+    regulariser gradient vanishes (e.g. a zero-initialised decoder sits at its minimum) or a term
+    is not finite, ``fallback`` (default ``factor``)."""
+    if not np.isfinite(signal_squared) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
+        value = factor if fallback is None else fallback
+        logger.debug("lambda: |grad reg| = %g, using fallback %g", reg_norm, value)
+        return float(value)
+    return float(factor * math.sqrt(max(signal_squared, 0.0)) / reg_norm)
+
+
+def gradient_ratio_terms(
+    data_loss: torch.Tensor,  # scalar
+    reg_loss: torch.Tensor,  # scalar
+    params: Iterable[torch.Tensor],  # decoder parameters
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """``(||d data / d params||², ||d reg / d params||)`` (L2 over all params), the terms of
+    :func:`gradient_norm_ratio_lambda`."""
+    param_list = [p for p in params if p.requires_grad]
+    if not param_list:
+        raise ValueError("no parameter requires grad")
+    return (_gradient_norm(data_loss, param_list, reduce) ** 2,
+            _gradient_norm(reg_loss, param_list, reduce))
+
+
 def gradient_norm_ratio_lambda(
     data_loss: torch.Tensor,  # scalar
     reg_loss: torch.Tensor,  # scalar
@@ -167,16 +196,37 @@ def gradient_norm_ratio_lambda(
     With ``reduce`` (data parallel: each process holds part of the batch's terms), each term's
     flattened gradient is passed through ``reduce`` (an all-reduce sum) before its norm.
     """
+    return lambda_from_terms(*gradient_ratio_terms(data_loss, reg_loss, params, reduce),
+                             factor, fallback)
+
+
+def signal_ratio_terms(
+    nll: torch.Tensor,  # (b,) per-particle data terms of one batch (or of a share of it)
+    reg_loss: torch.Tensor,  # scalar
+    params: Iterable[torch.Tensor],
+    *,
+    offset: int = 0,
+    total: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """``(g1 · g2, ||d reg / d params||)``, the terms of :func:`signal_ratio_lambda` (a batch
+    of one particle: ``||g||²`` instead of ``g1 · g2``)."""
     param_list = [p for p in params if p.requires_grad]
-    if not param_list:
-        raise ValueError("no parameter requires grad")
-    data_norm = _gradient_norm(data_loss, param_list, reduce)
-    reg_norm = _gradient_norm(reg_loss, param_list, reduce)
-    if not np.isfinite(data_norm) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
-        value = factor if fallback is None else fallback
-        logger.debug("gradient-norm lambda: |grad reg| = %g, using fallback %g", reg_norm, value)
-        return float(value)
-    return float(factor * data_norm / reg_norm)
+    n = nll.shape[0]
+    total = n if total is None else int(total)
+    half = total // 2
+    if half == 0:
+        return gradient_ratio_terms(nll.mean(), reg_loss, param_list, reduce)
+    grads = []
+    for start, stop in ((0, half), (half, 2 * half)):  # this share's rows of each half
+        lo, hi = min(max(start - offset, 0), n), min(max(stop - offset, 0), n)
+        part = nll[lo:hi]
+        term = part.mean() if (lo, hi) == (start, stop) and total == n else part.sum() / half
+        g = torch.autograd.grad(term, param_list, retain_graph=True, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
+                          for gi, p in zip(g, param_list, strict=True)])
+        grads.append(flat if reduce is None else reduce(flat))
+    return float(torch.dot(grads[0], grads[1])), _gradient_norm(reg_loss, param_list, reduce)
 
 
 def signal_ratio_lambda(
@@ -196,35 +246,19 @@ def signal_ratio_lambda(
     :func:`gradient_norm_ratio_lambda` does. Data parallel: ``nll`` holds rows ``offset ..``
     of a batch of ``total``, and ``reduce`` sums each half's gradient (and the regulariser's)
     over the processes, so every process gets the value one process would."""
-    param_list = [p for p in params if p.requires_grad]
-    n = nll.shape[0]
-    total = n if total is None else int(total)
-    half = total // 2
-    if half == 0:
-        return gradient_norm_ratio_lambda(nll.mean(), reg_loss, param_list, factor,
-                                          reduce=reduce)
-    grads = []
-    for start, stop in ((0, half), (half, 2 * half)):  # this share's rows of each half
-        lo, hi = min(max(start - offset, 0), n), min(max(stop - offset, 0), n)
-        part = nll[lo:hi]
-        term = part.mean() if (lo, hi) == (start, stop) and total == n else part.sum() / half
-        g = torch.autograd.grad(term, param_list, retain_graph=True, allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
-                          for gi, p in zip(g, param_list, strict=True)])
-        grads.append(flat if reduce is None else reduce(flat))
-    signal = float(torch.dot(grads[0], grads[1]).clamp_min(0.0).sqrt())
-    reg_norm = _gradient_norm(reg_loss, param_list, reduce)
-    if not np.isfinite(signal) or not np.isfinite(reg_norm) or reg_norm <= 0.0:
-        return float(factor)
-    return float(factor * signal / reg_norm)
+    return lambda_from_terms(*signal_ratio_terms(nll, reg_loss, params, offset=offset,
+                                                 total=total, reduce=reduce), factor)
 
 
 __all__ = [
     "build_neighbour_graph",
     "distance_preservation_loss",
     "gradient_norm_ratio_lambda",
+    "gradient_ratio_terms",
+    "lambda_from_terms",
     "mean_neighbour_distance",
     "repulsion_candidate_pairs",
     "repulsion_loss",
     "signal_ratio_lambda",
+    "signal_ratio_terms",
 ]

@@ -93,6 +93,10 @@ def add_args(p) -> None:
                         "two halves of a batch (signal-ratio, measured better at low SNR: "
                         "benchmarks/RESULTS.md), or factor × |data gradient| / |regulariser "
                         "gradient| (gradient-ratio, as the reference DynaMight)"),
+    p.add_argument("--lambda-smoothing", type=float, default=0.0, metavar="W",
+                   help="λ's two gradient terms as running averages over the epochs: each "
+                        "epoch's first batch weighs 1 - W against the average so far (0: each "
+                        "epoch's λ from its first batch alone)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--training-box", type=int, default=0, metavar="N",
                    help="train on the particles Fourier-cropped to N pixels (pixel size scaled; "
@@ -198,6 +202,7 @@ def _trainer_config(args, particles, gaussians, device) -> TrainerConfig:
         n_warmup_epochs=args.n_warmup_epochs,
         regularization_factor=args.regularization_factor,
         regularization_rule=args.regularization_rule, beta=args.beta,
+        lambda_smoothing=args.lambda_smoothing,
         consensus_update_interval=args.consensus_update_interval,
         learning_rate=args.learning_rate, seed=args.seed,
         decoder_start=args.decoder_start,
@@ -271,7 +276,7 @@ _CHECKPOINT_SETTINGS = (
     "refinement_star_file", "initial_model", "initial_threshold", "mask_file", "n_gaussians",
     "n_gaussian_widths", "n_latent_dimensions", "n_positional_encoding_dimensions",
     "n_linear_layers", "n_neurons_per_layer", "n_warmup_epochs", "regularization_factor",
-    "regularization_rule", "training_box",
+    "regularization_rule", "lambda_smoothing", "training_box",
     "validation_fraction", "seed", "random_half_sets", "consensus_update_interval",
     "n_map_fit_steps", "beta", "learning_rate", "decoder_precision", "temporal_prior",
     "decoder_start")
