@@ -223,6 +223,39 @@ def test_regulariser_is_part_of_the_training_objective(dataset):
     assert results[3.0] < 0.5 * results[0.0], results
 
 
+@pytest.mark.parametrize("rule", ["gradient-ratio", "signal-ratio"])
+def test_lambda_terms_are_running_averages_over_epochs(dataset, monkeypatch, rule):
+    """With ``lambda_smoothing`` w, each epoch's λ is ``factor sqrt(s) / r`` of the running
+    averages ``(s, r) <- w (s, r) + (1 - w) (new terms)`` of the terms each epoch's first batch
+    gives (recorded here as the trainer computes them); without it, of the new terms alone."""
+    import dynamight_core.half_set_trainer as module
+
+    particles, _ = dataset
+    for w in (0.0, 0.6):
+        recorded = []
+        for name in ("gradient_ratio_terms", "signal_ratio_terms"):
+            original = getattr(module, name)
+
+            def record(*args, _original=original, _recorded=recorded, **kwargs):
+                _recorded.append(_original(*args, **kwargs))
+                return _recorded[-1]
+
+            monkeypatch.setattr(module, name, record)
+        t = make_trainers(dataset, no_validation(), lambda_smoothing=w, regularization_rule=rule,
+                          regularization_factor=2.0, n_warmup_epochs=0)[1]
+        average = None
+        for _ in range(3):
+            t.train_epoch(batches(particles, t.epoch_order()))
+            assert len(recorded) == 1, "one estimate per epoch"
+            new = recorded.pop()
+            assert new[1] > 0
+            average = new if average is None else tuple(
+                w * a + (1 - w) * b for a, b in zip(average, new, strict=True))
+            expected = 2.0 * max(average[0], 0.0) ** 0.5 / average[1]
+            assert t.regularization_weight == pytest.approx(expected, rel=1e-12)
+        monkeypatch.undo()
+
+
 # -- which parameters train when ------------------------------------------------------------
 
 
@@ -350,9 +383,10 @@ def test_validation_particles_never_reach_training(dataset):
 def test_resumed_training_matches_uninterrupted(dataset, tmp_path):
     particles, _ = dataset
     validation = split_validation(particles.half_set, 0.1, seed=0)
-    straight = run_epochs(make_trainers(dataset, validation), particles, 4)
+    # with λ's running average, which the checkpoint must carry on
+    straight = run_epochs(make_trainers(dataset, validation, lambda_smoothing=0.5), particles, 4)
 
-    first = make_trainers(dataset, validation)
+    first = make_trainers(dataset, validation, lambda_smoothing=0.5)
     run_epochs(first, particles, 2)
     path = tmp_path / "002.pth"
     save_checkpoint(path, {"epoch": 2, "halves": {str(h): t.state_dict()
