@@ -1,7 +1,7 @@
 """Where does a training step read values back to the host? Counts, per joint epoch of one
 half-set trainer, every ``aten::_local_scalar_dense`` (``float(t)``, ``t.item()``, ``bool(t)``:
-on a GPU each is a synchronisation that stalls the pipeline) and ``aten::nonzero`` (boolean
-indexing: also a synchronisation), by the project's call site (file:line).
+on a GPU each is a synchronisation that stalls the pipeline), ``aten::nonzero`` and indexing
+with a boolean mask (also synchronisations), by the project's call site (file:line).
 
 With ``--all-operations``: every dispatched operation (forward, backward, optimiser) of a
 training batch that is not the epoch's first (the first also sets λ), the difference of a joint
@@ -43,6 +43,15 @@ from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
 from dynamight_core.simulation import consensus_map
 
 WATCHED = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+# indexing with a boolean mask counts the mask's true entries inside the kernel (a read-back on
+# a GPU) without dispatching a nonzero that this mode would see
+_INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+             torch.ops.aten.index_put_.default)
+
+
+def _boolean_indexing(func, args) -> bool:
+    return func in _INDEXING and len(args) > 1 and any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
 
 
 class _Counter(TorchDispatchMode):
@@ -52,13 +61,16 @@ class _Counter(TorchDispatchMode):
         self.sites: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.every_operation or func in WATCHED:
+        if self.every_operation or func in WATCHED or _boolean_indexing(func, args):
             stack = traceback.extract_stack()
             ours = [f for f in stack if "/dynamight_core/" in f.filename]
             where = "torch (optimiser)" if any("/torch/optim/" in f.filename for f in stack) \
                 else (f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].name})"
                       if ours else "elsewhere")
-            self.sites[(str(func.overloadpacket.__name__), where)] += 1
+            name = str(func.overloadpacket.__name__)
+            if _boolean_indexing(func, args):
+                name += " (boolean mask)"
+            self.sites[(name, where)] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -8,24 +8,41 @@ Layout: unshifted 3D rfft ``(p, p, p // 2 + 1)`` = ``(z, y, x)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def slice_coordinates_rfft(box_size: int, padded_size: int, rotations: torch.Tensor):
-    """Volume-frame coordinates (voxels of the padded rfft, xyz) of an image's rfft samples.
-
-    Returns ``coords (b, m, 3)`` and ``keep (box, box // 2 + 1)``, the mask of image rfft pixels
-    inside Nyquist that are inserted (``m`` of them).
-    """
-    device = rotations.device
+@functools.lru_cache(maxsize=16)
+def _inserted_samples(box_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index (m,)`` (into the flattened ``(box, box // 2 + 1)`` rfft, row-major as a boolean
+    mask would give them) and frequencies ``k (m, 3)`` of the image samples inside Nyquist:
+    constants of the box, built once per device (a boolean mask per batch would read its count
+    back from a GPU). Read-only."""
     ky = torch.fft.fftfreq(box_size, device=device)
     kx = torch.fft.rfftfreq(box_size, device=device)
     gy, gx = torch.meshgrid(ky, kx, indexing="ij")
     keep = (gx * gx + gy * gy) <= 0.25
     k_img = torch.stack([gx[keep], gy[keep], torch.zeros_like(gx[keep])], dim=-1)  # (m, 3)
+    return keep.flatten().nonzero()[:, 0], k_img
+
+
+def slice_coordinates_rfft(box_size: int, padded_size: int, rotations: torch.Tensor):
+    """Volume-frame coordinates (voxels of the padded rfft, xyz) of an image's rfft samples.
+
+    Returns ``coords (b, m, 3)`` and ``index (m,)``: which pixels of an image's rfft, flattened
+    (``samples.flatten(-2).index_select(-1, index)``), lie inside Nyquist and are inserted.
+    """
+    index, k_img = _inserted_samples(box_size, rotations.device)
     # a map point r projects to (A r)[:2]; an image frequency k lies at A^T k in the map's frame
     coords = torch.einsum("bji,mj->bmi", rotations.to(torch.float32), k_img) * padded_size
-    return coords, keep
+    return coords, index
+
+
+def inserted_samples(samples: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (b, m)
+    """The inserted samples of ``samples (b, box, box // 2 + 1)`` (``index`` from
+    :func:`slice_coordinates_rfft`)."""
+    return samples.flatten(-2).index_select(-1, index)
 
 
 def insert_slices_rfft_3d(

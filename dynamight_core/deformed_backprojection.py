@@ -41,7 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from ._lookup_kernel import fused_lookup_usable, lookup_accumulate_fused
-from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
+from ._slice_insertion import (
+    insert_slices_rfft_3d,
+    inserted_samples,
+    slice_coordinates_rfft,
+    symmetrise_x0_plane,
+)
 from .ctf import ctf_2d_rfft
 from .fourier_grids import (
     crop_rows,
@@ -161,9 +166,9 @@ class DeformedBackprojector:
         f = recentre_relion_images_rfft(f, shifts_angstrom.to(device, torch.float32), px, box)
         c = ctf_2d_rfft(ctf.to(device), box, px)
         fine = oversample_for_bilinear_lookup(f * c, box, oversampling=self.oversampling)
-        coords, keep = slice_coordinates_rfft(box, box, rotations)
+        coords, index = slice_coordinates_rfft(box, box, rotations)
         ctf2 = c * c * _hermitian_column_factor(box, device)
-        insert_slices_rfft_3d(None, self.weight, None, ctf2[:, keep], coords)
+        insert_slices_rfft_3d(None, self.weight, None, inserted_samples(ctf2, index), coords)
 
         lookup = self._lookup_coordinates(rotations, displacement_grid, fine.shape[-1])
         if fused_lookup_usable(fine) and lookup_accumulate_fused(fine, lookup, self.data):

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ._slice_insertion import insert_slices_rfft_3d, slice_coordinates_rfft, symmetrise_x0_plane
+from ._slice_insertion import (
+    insert_slices_rfft_3d,
+    inserted_samples,
+    slice_coordinates_rfft,
+    symmetrise_x0_plane,
+)
 from .ctf import ctf_2d_rfft
 from .fourier_grids import rfft2_centered
 from .particles import CTFParams
@@ -45,8 +50,9 @@ class FourierAccumulator:
         f = rfft2_centered(images.to(device, torch.float32))
         f = recentre_relion_images_rfft(f, shifts_angstrom.to(device), self.pixel_size, box)
         c = ctf_2d_rfft(ctf.to(device), box, self.pixel_size)
-        coords, keep = slice_coordinates_rfft(box, self.padded_size, rotations.to(device))
-        insert_slices_rfft_3d(self.data, self.weight, (f * c)[:, keep], (c * c)[:, keep], coords)
+        coords, index = slice_coordinates_rfft(box, self.padded_size, rotations.to(device))
+        insert_slices_rfft_3d(self.data, self.weight, inserted_samples(f * c, index),
+                              inserted_samples(c * c, index), coords)
         self.n_particles += images.shape[0]
 
     def merge(self, other: FourierAccumulator) -> None:
