@@ -69,6 +69,7 @@ class DeformationDecoder(LatentConditionedMLP):
 
     def set_movable_mask(self, movable_mask: torch.Tensor | None) -> None:
         """Set (``(n_g,)`` bool) or clear (``None``) the mask of Gaussians allowed to move."""
+        self._movable_index = None
         if movable_mask is None:
             self.movable_mask = None
             return
@@ -77,6 +78,15 @@ class DeformationDecoder(LatentConditionedMLP):
             raise ValueError(f"movable_mask must be (n_g,), got shape {tuple(mask.shape)}")
         device = self.output_layer.weight.device
         self.movable_mask = mask.to(device)
+
+    def _movable(self) -> torch.Tensor:  # (k,) int64
+        """Indices of the movable Gaussians, found once per mask and device: indexing with
+        the boolean mask itself reads its count back from a GPU at every call (and again in
+        the backward pass)."""
+        index = self._movable_index
+        if index is None or index.device != self.movable_mask.device:
+            index = self._movable_index = self.movable_mask.nonzero()[:, 0]
+        return index
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -108,10 +118,10 @@ class DeformationDecoder(LatentConditionedMLP):
         if self.movable_mask.shape[0] != n_g:
             raise ValueError(f"movable_mask has {self.movable_mask.shape[0]} entries, "
                              f"positions have {n_g}")
-        moving = self._anchored(positions_angstrom[self.movable_mask], z) * self.half_box_angstrom
-        displacements = moving.new_zeros(z.shape[0], n_g, 3)
-        displacements[:, self.movable_mask] = moving
-        return displacements
+        index = self._movable()
+        moving = self._anchored(positions_angstrom.index_select(0, index), z)
+        return moving.new_zeros(z.shape[0], n_g, 3).index_copy(1, index,
+                                                               moving * self.half_box_angstrom)
 
     def _anchored(self, positions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         out = self._mlp(positions, _with_anchor_row(z))
@@ -139,12 +149,13 @@ class DeformationDecoder(LatentConditionedMLP):
         if self.movable_mask is None:
             out, tangents = self._anchored_and_tangents(positions_angstrom, z, dims)
             return out * scale, tangents * scale
-        out, tangents = self._anchored_and_tangents(positions_angstrom[self.movable_mask], z,
+        index = self._movable()
+        out, tangents = self._anchored_and_tangents(positions_angstrom.index_select(0, index), z,
                                                     dims)
-        displacements = out.new_zeros(z.shape[0], positions_angstrom.shape[0], 3)
-        displacements[:, self.movable_mask] = out * scale
-        full = tangents.new_zeros(z.shape[0], tangents.shape[1], positions_angstrom.shape[0], 3)
-        full[:, :, self.movable_mask] = tangents * scale
+        n_g = positions_angstrom.shape[0]
+        displacements = out.new_zeros(z.shape[0], n_g, 3).index_copy(1, index, out * scale)
+        full = tangents.new_zeros(z.shape[0], tangents.shape[1], n_g, 3).index_copy_(
+            2, index, tangents * scale)
         return displacements, full
 
 
