@@ -54,7 +54,7 @@ def true_code_refiner(trainer, codes: torch.Tensor):
     batch becomes its true code, with a posterior precision of 1e4 (so the draw is the code)."""
     def refine(batch):
         z = codes[torch.as_tensor(batch.indices)].to(trainer.device)
-        rows, _ = trainer._rows(batch.indices)
+        rows = trainer._rows(batch.indices)[0]
         trainer.latents[rows] = z
         precision = 1e4 * torch.eye(z.shape[1], device=z.device).expand(z.shape[0], -1, -1)
         return z, precision.clone(), None

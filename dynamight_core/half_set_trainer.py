@@ -310,11 +310,12 @@ class HalfSetTrainer:
                                                            n_steps=steps), 4)]
         self.group.broadcast_module(self.model.decoder)
         for indices, a, variance in coefficients:
-            rows, known = self._rows(indices)
+            rows, _, on_host = self._rows(indices)
+            rows, pick = self._known_part(rows, on_host)
             # posterior mean of a unit-prior code given a ~ N(z, variance) at weight 1 / beta
             codes = (a / (1.0 + c.beta * variance)).to(self.latents.dtype) * keep
-            self.latents[rows[known]] = codes[known]
-            self._touch(rows[known])
+            self.latents[rows] = codes if pick is None else codes.index_select(0, pick)
+            self._touch(rows)
         self._sync_codes()
         logger.info("half %d: decoder started from %d of %d motion modes (generalised "
                     "eigenvalues %s; noise alone up to about %.2f; a latent dimension beyond "
@@ -366,14 +367,24 @@ class HalfSetTrainer:
         logger.debug("half %d: temporal correlation time %.3g", self.half, tau)
 
     # -- latent codes ------------------------------------------------------------------------
-    def _rows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of ``indices`` in the code table and whether each particle has one."""
+    def _rows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Rows of ``indices`` in the code table and whether each particle has one, on the
+        device and on the host (decisions on the host array read nothing back from a GPU)."""
         indices = np.asarray(indices, dtype=np.int64)
         rows = np.searchsorted(self.known_indices, indices)
         rows = np.minimum(rows, max(self.known_indices.shape[0] - 1, 0))
         known = (self.known_indices[rows] == indices) if self.known_indices.size else \
             np.zeros(indices.shape[0], dtype=bool)
-        return self._to_device(rows), self._to_device(known)
+        return self._to_device(rows), self._to_device(known), known
+
+    def _known_part(self, rows: torch.Tensor, known: np.ndarray
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows of the particles that have one, and their positions in the batch (None:
+        all of them), by index: a boolean mask on the device would read its count back."""
+        if known.all():
+            return rows, None
+        pick = self._to_device(np.flatnonzero(known))
+        return rows.index_select(0, pick), pick
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the device without a GPU synchronisation: a copy from pageable
@@ -391,19 +402,21 @@ class HalfSetTrainer:
         without a stored code from 0 by ``inference_steps`` (at least ``n_steps``); the result
         is stored for known particles when ``store``."""
         c = self.config
-        rows, known = self._rows(batch.indices)
+        rows, known, on_host = self._rows(batch.indices)
         z0 = torch.where(known[:, None], self.latents[rows], torch.zeros_like(self.latents[rows]))
-        steps = n_steps if bool(known.all()) else max(n_steps, c.inference_steps)
+        steps = n_steps if on_host.all() else max(n_steps, c.inference_steps)
         mean, precision = infer_latents(
             lambda z: self.model.linearise(batch, z, self._jacobian_dims), z0,
             batch.images_rfft(), self.pixel_weights, steps, beta=c.beta,
             max_step=c.max_latent_step, prior=self._prior(rows, known), active=self.active_dims,
             dims=self._jacobian_dims)
-        if store and bool(known.any()):
-            self.latents[rows[known]] = mean[known]
-            self._touch(rows[known])
+        if store and on_host.any():
+            rows, pick = self._known_part(rows, on_host)
+            self.latents[rows] = mean if pick is None else mean.index_select(0, pick)
+            self._touch(rows)
             if self.latent_precision is not None:
-                self.latent_precision[rows[known]] = precision[known]
+                self.latent_precision[rows] = (precision if pick is None
+                                               else precision.index_select(0, pick))
         return mean, precision
 
     def _touch(self, rows: torch.Tensor) -> None:
@@ -433,8 +446,8 @@ class HalfSetTrainer:
         """Codes of ``batch`` without changing anything: the stored ones of known particles
         (the final ones once :meth:`finalise_latents` ran), inferred from 0
         (``inference_steps``) for the others."""
-        rows, known = self._rows(batch.indices)
-        if bool(known.all()):
+        rows, known, on_host = self._rows(batch.indices)
+        if on_host.all():
             return self._codes[rows].clone()
         inferred = self.infer(batch, self.config.inference_steps, store=False)[0]
         return torch.where(known[:, None], self._codes[rows], inferred)
@@ -442,8 +455,8 @@ class HalfSetTrainer:
     def stored_latents(self, indices: np.ndarray) -> torch.Tensor:  # (m, d)
         """The stored codes of ``indices`` (final ones once :meth:`finalise_latents` ran; all
         must be known to this trainer)."""
-        rows, known = self._rows(indices)
-        if not bool(known.all()):
+        rows, _, on_host = self._rows(indices)
+        if not on_host.all():
             raise KeyError(f"half {self.half} has no code for some of these particles")
         return self._codes[rows]
 
@@ -602,7 +615,7 @@ class HalfSetTrainer:
         """One Gauss-Newton step for the stored codes of a training batch under the current
         model; the new posterior (mean, precision) is stored and returned with the prior it
         was computed under (None: N(0, I))."""
-        rows, _ = self._rows(batch.indices)
+        rows = self._rows(batch.indices)[0]
         z = self.latents[rows]
         prior = self._prior(rows)
         model, jacobian = self.model.linearise(batch, z, self._jacobian_dims)
@@ -645,15 +658,17 @@ class HalfSetTrainer:
         without particles."""
         self.model.eval()
         flat = torch.ones_like(self.noise_weights) * (self.noise_weights > 0)
-        total, n = 0.0, 0
+        # summed on the device in float64 (as the float sums were), read once at the end
+        summed, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for batch in batches:
             if not len(batch):
                 continue
             z = None if self.in_warmup else self.infer(batch)[0]
             out = self.model(batch, z)
             _, mse = negative_log_likelihood(out["model_rfft"], out["image_rfft"], flat, 1.0)
-            total += float(mse.sum())
+            summed += mse.sum().double()
             n += len(batch)
+        total = float(summed)
         if self.group.parallel:
             total, n = self.group.all_reduce_numbers([total, float(n)])
             self._sync_codes()
@@ -672,10 +687,11 @@ class HalfSetTrainer:
         for batch in batches:
             if not len(batch):
                 continue
-            rows, known = self._rows(batch.indices)
+            rows, _, on_host = self._rows(batch.indices)
+            rows, pick = self._known_part(rows, on_host)
             mean = self.infer(batch, n_steps, store=False)[0]
-            self.final_latents[rows[known]] = mean[known]
-            touched[rows[known]] = True
+            self.final_latents[rows] = mean if pick is None else mean.index_select(0, pick)
+            touched[rows] = True
         self.group.sync_rows(self.final_latents, touched)
 
     # -- checkpoints ------------------------------------------------------------------------

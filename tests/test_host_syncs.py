@@ -3,8 +3,9 @@
 On a GPU every ``float(t)``, ``t.item()``, ``bool(t)``, ``nonzero`` or indexing with a boolean
 mask waits for the device to drain, so the host cannot queue the next batch's work. These tests
 count those operations (``benchmarks/count_host_syncs.py``'s dispatch mode) in a training epoch of
-one batch and of three, with a movable mask (the ``--mask-file`` case), and in the deformed and
-rigid backprojection of a batch: a later batch must add none. Per-epoch reads (λ, the noise
+one batch and of three, with a movable mask (the ``--mask-file`` case), in the held-out
+evaluation and the code lookup of the backprojection (known and new particles), and in the
+deformed and rigid backprojection of a batch: a later batch must add none. Per-epoch reads (λ, the noise
 spectrum) are in both epochs and cancel; Adam's reads of its step counters are host tensors on a
 GPU too and are left out. Run on the CPU: the operations are the same on both devices.
 """
@@ -43,7 +44,7 @@ def _reads(run) -> collections.Counter:
                                 if site[1] != "torch (optimiser)"})
 
 
-def test_a_training_batch_reads_nothing_back():
+def test_training_evaluation_and_code_batches_read_nothing_back():
     structure = hinged_structure(n_gaussians=200, seed=1)
     plan = plan_simulation(4 * BATCH, seed=1)
     images = torch.cat([im for _, im in simulate_images(structure, plan, BOX, PIXEL, seed=1)])
@@ -55,20 +56,27 @@ def test_a_training_batch_reads_nothing_back():
     movable = torch.arange(150) % 3 != 0
     config = TrainerConfig(box_size=BOX, pixel_size=PIXEL, n_gaussians=150, latent_dim=2,
                            regularization_rule="signal-ratio", lambda_smoothing=0.5)
-    trainer = HalfSetTrainer(1, config, gaussians, np.arange(4 * BATCH), CPU,
-                             movable_mask=movable)
-    trainer.initialise_noise([make_batch(particles, np.arange(BATCH), CPU)])
+    # particles 0-47 train, 48-55 are held out, 56-63 are new to the trainer
+    trainer = HalfSetTrainer(1, config, gaussians, np.arange(3 * BATCH), CPU,
+                             movable_mask=movable,
+                             validation_indices=np.arange(3 * BATCH, 3 * BATCH + BATCH // 2))
 
-    def epoch(n_batches):
-        order = trainer.epoch_order()[:n_batches * BATCH]
-        batches = (make_batch(particles, order[i:i + BATCH], CPU)
-                   for i in range(0, len(order), BATCH))
-        return lambda: trainer.train_epoch(batches)
+    def batches(order):
+        return (make_batch(particles, order[i:i + BATCH], CPU)
+                for i in range(0, len(order), BATCH))
 
-    epoch(2)()  # caches filled (the mask's indices, the geometry's constants)
-    one, three = _reads(epoch(1)), _reads(epoch(3))
-    assert sum(one.values()) > 0, "the counter saw no per-epoch read either"
-    assert three - one == collections.Counter(), f"per-batch reads: {three - one}"
+    trainer.initialise_noise(batches(np.arange(BATCH)))
+    training = lambda n: lambda: trainer.train_epoch(batches(trainer.epoch_order()[:n * BATCH]))
+    # held-out evaluation, and the codes the backprojection asks for: known particles, a
+    # mixed batch (held-out and new ones), and the same again and again
+    mixed = np.arange(3 * BATCH, 4 * BATCH)
+    codes = lambda n: lambda: [trainer.latents_for(b) for b in batches(np.tile(mixed, n))]
+    held_out = lambda n: lambda: trainer.evaluate(batches(np.tile(mixed[:BATCH // 2], n)))
+    for work in (training, codes, held_out):
+        work(2)()  # caches filled (the mask's indices, the geometry's constants)
+        one, three = _reads(work(1)), _reads(work(3))
+        assert three - one == collections.Counter(), f"per-batch reads: {three - one}"
+    assert sum(_reads(training(1)).values()) > 0, "the counter saw no per-epoch read either"
 
 
 def test_a_backprojection_batch_reads_nothing_back():
