@@ -177,9 +177,10 @@ class InverseDeformationTrainer:
         consensus: torch.Tensor,  # (k, 3) Å, the step's consensus Gaussians
         displacements: torch.Tensor,  # (b, k, 3) Å, their displacements for each latent
         z: torch.Tensor,  # (b, d)
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """One optimiser step on the given Gaussians; returns the batch means ``data`` (Å²)
-        and ``smooth`` (Å²). The smoothness probes sit near the first
+        and ``smooth`` (Å²) as detached scalars on the device (read them when needed: on a
+        GPU each read waits for the device). The smoothness probes sit near the first
         ``smoothness_points_per_particle`` of them (random when drawn by
         :meth:`draw_gaussians`)."""
         cfg = self.config
@@ -200,7 +201,7 @@ class InverseDeformationTrainer:
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
-        return {"data": float(data.detach()), "smooth": float(smooth.detach())}
+        return {"data": data.detach(), "smooth": smooth.detach()}
 
     def train_epoch(
         self,
@@ -221,7 +222,9 @@ class InverseDeformationTrainer:
                              f"{self.train_indices.shape[0]} particles")
         order = self.epoch_order().to(latents.device)
         consensus = consensus.detach().to(self.device)
-        sums = {"data": 0.0, "smooth": 0.0}
+        # per-step means summed on the device in float64, read once per epoch
+        sums = {key: torch.zeros((), dtype=torch.float64, device=self.device)
+                for key in ("data", "smooth")}
         n_seen = 0
         for start in range(0, order.shape[0], batch_size):
             if check_abort is not None:
@@ -233,10 +236,10 @@ class InverseDeformationTrainer:
             stats = self.train_step(consensus[gaussians], displacements, z)
             b = int(z.shape[0])
             for key in sums:
-                sums[key] += stats[key] * b
+                sums[key] += stats[key].double() * b
             n_seen += b
         self.epoch += 1
-        out = {key: value / max(n_seen, 1) for key, value in sums.items()}
+        out = {key: float(value) / max(n_seen, 1) for key, value in sums.items()}
         out["rms"] = math.sqrt(out["data"])
         out["n_particles"] = float(n_seen)
         return out
