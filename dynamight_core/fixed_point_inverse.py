@@ -124,7 +124,10 @@ class FixedPointInverse:
                 best_residual = torch.minimum(residual, best_residual)
             x = new
             self.iterations_used = k + 1
-            active = residual[torch.isfinite(residual)]  # points still inside the trust region
+            # the largest update of the points still inside the trust region (0 if none; the
+            # residuals are norms, so the zeros put in for the others change nothing): one
+            # read-back per iteration, for the early stop
+            active = torch.where(torch.isfinite(residual), residual, torch.zeros_like(residual))
             self.last_update_angstrom = float(active.max()) if active.numel() else 0.0
             if self.last_update_angstrom < self.tolerance:
                 break
