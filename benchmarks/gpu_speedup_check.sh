@@ -47,13 +47,13 @@ step train_new_one_dimension_used 40 python3 benchmarks/bench_optimize_deformati
 # larger batches: the same host work per step for four times the particles
 step train_new_batch512 40 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $BIG --batch-size $(( BATCH * 4 ))
-step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --device $DEV \
-  --boxes 64 128 256 --n-particles $N
 step backprojection 30 python3 benchmarks/bench_backprojection.py --device $DEV \
   --boxes $BIG $OTHERS --n-gaussians $G --batch-size 32 --n-particles 512
 step backprojection_torch_lookup 30 env DYNAMIGHT_FUSED_LOOKUP=0 python3 \
   benchmarks/bench_backprojection.py --device $DEV --boxes $BIG $OTHERS --n-gaussians $G \
   --batch-size 32 --n-particles 512
+step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --device $DEV \
+  --boxes 64 128 256 --n-particles $N
 step pipeline 150 python3 benchmarks/bench_quality.py --output-directory "$WORK/quality" \
   --presets twist-hinge --snrs 0.05 "${GPU[@]}" --n-threads 8 --job-name gpu "${QUALITY[@]}"
 
