@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 
-from ._triton_support import interpreting, tl, triton
+from ._triton_support import kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -42,9 +41,8 @@ _BLOCK = 256  # voxels per program
 
 def fused_lookup_usable(images: torch.Tensor) -> bool:
     """Whether :func:`lookup_accumulate_fused` can run for oversampled ``images``."""
-    if triton is None or _FAILED or os.environ.get("DYNAMIGHT_FUSED_LOOKUP", "1") == "0":
-        return False
-    return (images.is_cuda or interpreting()) and images.dtype == torch.float32
+    return (kernel_may_run(images, "DYNAMIGHT_FUSED_LOOKUP", _FAILED)
+            and images.dtype == torch.float32)
 
 
 if triton is not None:
@@ -146,9 +144,7 @@ def lookup_accumulate_fused(
                 images.contiguous(), pixels, data, b, box, g, size, node_scale, BLOCK=_BLOCK)
         return True
     except Exception as error:  # noqa: BLE001 - any build or launch failure: torch code
-        _FAILED.append(f"{type(error).__name__}: {error}")
-        logger.warning("fused backprojection lookup unavailable (%s); using the torch code",
-                       _FAILED[0].splitlines()[0])
+        record_failure(_FAILED, error, "fused backprojection lookup", logger)
         return False
 
 

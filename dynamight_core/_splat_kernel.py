@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 
-from ._triton_support import interpreting, tl, triton
+from ._triton_support import kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -39,9 +38,8 @@ _BLOCK = 256  # (particle, Gaussian) pairs per program
 
 def fused_splat_usable(xy_px: torch.Tensor) -> bool:
     """Whether :func:`splat_bilinear_fused` can run for positions ``xy_px``."""
-    if triton is None or _FAILED or os.environ.get("DYNAMIGHT_FUSED_SPLAT", "1") == "0":
-        return False
-    return (xy_px.is_cuda or interpreting()) and xy_px.dtype == torch.float32
+    return (kernel_may_run(xy_px, "DYNAMIGHT_FUSED_SPLAT", _FAILED)
+            and xy_px.dtype == torch.float32)
 
 
 if triton is not None:
@@ -154,9 +152,7 @@ def splat_bilinear_fused(
         return _Splat.apply(xy_px, masses.to(xy_px.dtype), class_index, int(n_classes),
                             int(size))
     except Exception as error:  # noqa: BLE001 - any build or launch failure: torch code
-        _FAILED.append(f"{type(error).__name__}: {error}")
-        logger.warning("fused splat kernel unavailable (%s); using the torch code",
-                       _FAILED[0].splitlines()[0])
+        record_failure(_FAILED, error, "fused splat kernel", logger)
         return None
 
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 
-from ._triton_support import interpreting, tl, triton
+from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -38,9 +37,7 @@ _FAILED: list[str] = []  # the first failure's message: the kernel is not tried 
 
 def fused_tangents_usable(h: torch.Tensor, width: int) -> bool:
     """Whether :func:`latent_tangents` can run for activations ``h`` of layer width ``width``."""
-    if triton is None or _FAILED or os.environ.get("DYNAMIGHT_FUSED_TANGENTS", "1") == "0":
-        return False
-    if not (h.is_cuda or interpreting()):
+    if not kernel_may_run(h, "DYNAMIGHT_FUSED_TANGENTS", _FAILED):
         return False
     return width >= 16 and width & (width - 1) == 0 and h.dtype in (torch.float32,
                                                                      torch.bfloat16)
@@ -130,9 +127,7 @@ def latent_tangents(
                                       BF16=h0.dtype == torch.bfloat16 and not interpreting(),
                                       num_warps=8)
         except Exception as error:  # noqa: BLE001 - any build or launch failure: torch code
-            _FAILED.append(f"{type(error).__name__}: {error}")
-            logger.warning("fused tangent kernel unavailable (%s); using the torch code",
-                           _FAILED[0].splitlines()[0])
+            record_failure(_FAILED, error, "fused tangent kernel", logger)
             return None
     return out
 

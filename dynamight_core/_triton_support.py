@@ -4,6 +4,7 @@ does not (then ``triton`` and ``tl`` are None and the kernels' torch code runs).
 
 from __future__ import annotations
 
+import logging
 import os
 
 try:  # optional
@@ -19,4 +20,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-__all__ = ["interpreting", "tl", "triton"]
+def kernel_may_run(tensor, switch: str, failures: list[str]) -> bool:
+    """Whether a kernel may run on ``tensor``'s device: Triton is there, the kernel has not
+    failed before (``failures``, its module's list), its environment variable ``switch`` is not
+    ``0``, and the tensor is on a CUDA device (or the interpreter runs the kernels)."""
+    if triton is None or failures or os.environ.get(switch, "1") == "0":
+        return False
+    return tensor.is_cuda or interpreting()
+
+
+def record_failure(failures: list[str], error: Exception, kernel: str,
+                   logger: logging.Logger) -> None:
+    """Note a kernel's build or launch failure: its torch code runs from then on (a warning,
+    once, names the kernel and the error)."""
+    failures.append(f"{type(error).__name__}: {error}")
+    logger.warning("%s unavailable (%s); using the torch code", kernel,
+                   failures[0].splitlines()[0])
+
+
+__all__ = ["interpreting", "kernel_may_run", "record_failure", "tl", "triton"]
