@@ -6,11 +6,12 @@ interpreter is chosen by ``TRITON_INTERPRET=1`` when a kernel is defined, so eve
 a subprocess (:func:`run_check`) with its own environment.
 
 - :data:`HAS_TRITON`, :data:`NO_TRITON`: whether Triton imports, and the skip reason if not.
+- :func:`skip_if_interpreting`: the CPU path's tests skip where the interpreter is on.
 - :func:`run_check` runs a check script in a subprocess, one kernel switched on and the other
   kernels off (each test file checks one kernel alone), and returns its output.
-- :func:`training_comparison` is such a script: two joint epochs of a half-set trainer (after
-  warm-up epochs if asked) with a kernel and with the torch code, whose codes, Gaussians and statistics must
-  agree to float32 rounding.
+- :func:`training_comparison` is such a script: joint epochs (two by default) of a half-set
+  trainer (after warm-up epochs if asked) with a kernel and with the torch code, whose codes,
+  Gaussians and statistics must agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_TRITON = "Triton is not installed (CUDA builds of torch bring it; the CPU wheel does not)"
 # each kernel's switch (the environment variable that selects the torch code with "0")
 SWITCHES = {"tangent": "DYNAMIGHT_FUSED_TANGENTS", "splat": "DYNAMIGHT_FUSED_SPLAT",
             "lookup": "DYNAMIGHT_FUSED_LOOKUP"}
+
+
+def skip_if_interpreting() -> None:
+    """A test of the CPU path skips where ``TRITON_INTERPRET=1`` would run the kernels on the
+    CPU."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernel would run on the CPU")
 
 
 def run_check(kernel: str, script: str, device: str, *, interpret: bool) -> str:
@@ -66,7 +76,7 @@ _TRAINING = textwrap.dedent("""
                                decoder_precision="float32")
         trainer = HalfSetTrainer(1, config, gaussians, np.arange(64), device)
         trainer.initialise_noise(bench._batches(particles, np.arange(64), 32, device))
-        for _ in range({warmup} + 2):  # warm-up epochs (Gaussians alone), two joint epochs
+        for _ in range({warmup} + {joint}):  # warm-up epochs (Gaussians alone), joint epochs
             stats = trainer.train_epoch(bench._batches(particles, trainer.epoch_order(), 32,
                                                        device))
         results[fused] = (trainer.latents.detach().cpu().clone(),
@@ -80,12 +90,12 @@ _TRAINING = textwrap.dedent("""
     assert moved > 0 and float((p1 - p0).norm()) < 1e-3 * moved
     for key in ("data", "kl"):
         assert abs(s1[key] - s0[key]) <= 1e-4 * abs(s0[key]) + 1e-6, (key, s0[key], s1[key])
-    print("codes after two joint epochs, fused against torch: relative difference", error)
+    print("codes after {joint} joint epochs, fused against torch: relative difference", error)
 """)
 
 
-def training_comparison(kernel: str, warmup_epochs: int = 0) -> str:
+def training_comparison(kernel: str, warmup_epochs: int = 0, joint_epochs: int = 2) -> str:
     """The training check script for ``kernel`` ("tangent" or "splat"; module docstring), with
-    ``warmup_epochs`` before the two joint ones."""
+    ``warmup_epochs`` before ``joint_epochs`` joint ones."""
     return _TRAINING.format(module=f"_{kernel}_kernel", switch=SWITCHES[kernel],
-                            warmup=int(warmup_epochs))
+                            warmup=int(warmup_epochs), joint=int(joint_epochs))

@@ -14,12 +14,11 @@ tests skip.
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import pytest
 import torch
-from kernel_checks import HAS_TRITON, NO_TRITON, run_check
+from kernel_checks import HAS_TRITON, NO_TRITON, run_check, skip_if_interpreting
 
 from dynamight_core._lookup_kernel import fused_lookup_usable
 
@@ -75,8 +74,7 @@ CHECK = textwrap.dedent("""
 def test_cpu_tensors_use_the_torch_code():
     """Without a CUDA device (and outside Triton's interpreter) the torch code runs, so CPU
     results do not depend on whether Triton is installed."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: the kernel would run on the CPU")
+    skip_if_interpreting()
     assert not fused_lookup_usable(torch.zeros(2, 8, 8))
 
 

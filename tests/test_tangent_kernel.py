@@ -8,12 +8,17 @@ wheel of torch brings no Triton: there the plain torch code runs and these tests
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import pytest
 import torch
-from kernel_checks import HAS_TRITON, NO_TRITON, run_check, training_comparison
+from kernel_checks import (
+    HAS_TRITON,
+    NO_TRITON,
+    run_check,
+    skip_if_interpreting,
+    training_comparison,
+)
 
 from dynamight_core._latent_mlp import LatentConditionedMLP
 from dynamight_core._tangent_kernel import fused_tangents_usable
@@ -68,8 +73,7 @@ CHECK = textwrap.dedent("""
 def test_cpu_tensors_use_the_torch_code():
     """Without a CUDA device (and outside Triton's interpreter) the plain torch code runs, so
     CPU results do not depend on whether Triton is installed."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: the kernel would run on the CPU")
+    skip_if_interpreting()
     net = LatentConditionedMLP(32, 2.0, 2, 32, 2, 4)
     out, tangents = net._mlp_and_tangents(torch.randn(10, 3), torch.randn(3, 2))
     assert not fused_tangents_usable(out, 32)
