@@ -379,7 +379,7 @@ class HalfSetTrainer:
 
     def _known_part(self, rows: torch.Tensor, known: np.ndarray
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The rows of the particles that have one, and their positions in the batch (None:
+        """The rows of the particles that have a code, and their positions in the batch (None:
         all of them), by index: a boolean mask on the device would read its count back."""
         if known.all():
             return rows, None
