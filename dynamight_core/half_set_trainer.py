@@ -577,11 +577,13 @@ class HalfSetTrainer:
                                        total=batch.global_size, reduce=reduce)
         else:
             raise ValueError(f"unknown regularization rule {c.regularization_rule!r}")
+        # an estimate (finite, a regulariser that pulls) joins the running average; otherwise
+        # λ falls back to the factor for this epoch and the average is kept as it is
         w = c.lambda_smoothing
-        if w > 0 and self._lambda_terms is not None and all(map(math.isfinite, terms)):
-            terms = tuple(w * old + (1.0 - w) * new
-                          for old, new in zip(self._lambda_terms, terms, strict=True))
-        if all(map(math.isfinite, terms)):
+        if all(map(math.isfinite, terms)) and terms[1] > 0:
+            if w > 0 and self._lambda_terms is not None:
+                terms = tuple(w * old + (1.0 - w) * new
+                              for old, new in zip(self._lambda_terms, terms, strict=True))
             self._lambda_terms = terms
         return lambda_from_terms(*terms, c.regularization_factor)
 
