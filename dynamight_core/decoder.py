@@ -65,28 +65,22 @@ class DeformationDecoder(LatentConditionedMLP):
     ) -> None:
         super().__init__(box_size, voxel_size, latent_dim, n_neurons, n_linear_layers, n_freqs)
         self.register_buffer("movable_mask", None)
+        # the mask's indices: indexing with the boolean mask itself reads its count back from a
+        # GPU at every call (and again in the backward pass); not saved, moves with the module
+        self.register_buffer("_movable_index", None, persistent=False)
         self.set_movable_mask(movable_mask)
 
     def set_movable_mask(self, movable_mask: torch.Tensor | None) -> None:
         """Set (``(n_g,)`` bool) or clear (``None``) the mask of Gaussians allowed to move."""
-        self._movable_index = None
         if movable_mask is None:
-            self.movable_mask = None
+            self.movable_mask = self._movable_index = None
             return
         mask = torch.as_tensor(movable_mask).to(torch.bool)
         if mask.ndim != 1:
             raise ValueError(f"movable_mask must be (n_g,), got shape {tuple(mask.shape)}")
         device = self.output_layer.weight.device
         self.movable_mask = mask.to(device)
-
-    def _movable(self) -> torch.Tensor:  # (k,) int64
-        """Indices of the movable Gaussians, found once per mask and device: indexing with
-        the boolean mask itself reads its count back from a GPU at every call (and again in
-        the backward pass)."""
-        index = self._movable_index
-        if index is None or index.device != self.movable_mask.device:
-            index = self._movable_index = self.movable_mask.nonzero()[:, 0]
-        return index
+        self._movable_index = mask.nonzero()[:, 0].to(device)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -118,7 +112,7 @@ class DeformationDecoder(LatentConditionedMLP):
         if self.movable_mask.shape[0] != n_g:
             raise ValueError(f"movable_mask has {self.movable_mask.shape[0]} entries, "
                              f"positions have {n_g}")
-        index = self._movable()
+        index = self._movable_index
         moving = self._anchored(positions_angstrom.index_select(0, index), z)
         return moving.new_zeros(z.shape[0], n_g, 3).index_copy(1, index,
                                                                moving * self.half_box_angstrom)
@@ -149,7 +143,7 @@ class DeformationDecoder(LatentConditionedMLP):
         if self.movable_mask is None:
             out, tangents = self._anchored_and_tangents(positions_angstrom, z, dims)
             return out * scale, tangents * scale
-        index = self._movable()
+        index = self._movable_index
         out, tangents = self._anchored_and_tangents(positions_angstrom.index_select(0, index), z,
                                                     dims)
         n_g = positions_angstrom.shape[0]
