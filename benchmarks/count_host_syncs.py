@@ -61,14 +61,15 @@ class _Counter(TorchDispatchMode):
         self.sites: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.every_operation or func in WATCHED or _boolean_indexing(func, args):
+        masked = _boolean_indexing(func, args)
+        if self.every_operation or func in WATCHED or masked:
             stack = traceback.extract_stack()
             ours = [f for f in stack if "/dynamight_core/" in f.filename]
             where = "torch (optimiser)" if any("/torch/optim/" in f.filename for f in stack) \
                 else (f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].name})"
                       if ours else "elsewhere")
             name = str(func.overloadpacket.__name__)
-            if _boolean_indexing(func, args):
+            if masked:
                 name += " (boolean mask)"
             self.sites[(name, where)] += 1
         return func(*args, **(kwargs or {}))
