@@ -310,8 +310,7 @@ class HalfSetTrainer:
                                                            n_steps=steps), 4)]
         self.group.broadcast_module(self.model.decoder)
         for indices, a, variance in coefficients:
-            rows, _, on_host = self._rows(indices)
-            rows, pick = self._known_part(rows, on_host)
+            rows, pick = self._known_part(*self._rows(indices))
             # posterior mean of a unit-prior code given a ~ N(z, variance) at weight 1 / beta
             codes = (a / (1.0 + c.beta * variance)).to(self.latents.dtype) * keep
             self.latents[rows] = codes if pick is None else codes.index_select(0, pick)
@@ -367,15 +366,15 @@ class HalfSetTrainer:
         logger.debug("half %d: temporal correlation time %.3g", self.half, tau)
 
     # -- latent codes ------------------------------------------------------------------------
-    def _rows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Rows of ``indices`` in the code table and whether each particle has one, on the
-        device and on the host (decisions on the host array read nothing back from a GPU)."""
+    def _rows(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows of ``indices`` in the code table (on the device) and whether each particle has
+        one (on the host: decisions on it read nothing back from a GPU)."""
         indices = np.asarray(indices, dtype=np.int64)
         rows = np.searchsorted(self.known_indices, indices)
         rows = np.minimum(rows, max(self.known_indices.shape[0] - 1, 0))
         known = (self.known_indices[rows] == indices) if self.known_indices.size else \
             np.zeros(indices.shape[0], dtype=bool)
-        return self._to_device(rows), self._to_device(known), known
+        return self._to_device(rows), known
 
     def _known_part(self, rows: torch.Tensor, known: np.ndarray
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -402,7 +401,8 @@ class HalfSetTrainer:
         without a stored code from 0 by ``inference_steps`` (at least ``n_steps``); the result
         is stored for known particles when ``store``."""
         c = self.config
-        rows, known, on_host = self._rows(batch.indices)
+        rows, on_host = self._rows(batch.indices)
+        known = self._to_device(on_host)
         z0 = torch.where(known[:, None], self.latents[rows], torch.zeros_like(self.latents[rows]))
         steps = n_steps if on_host.all() else max(n_steps, c.inference_steps)
         mean, precision = infer_latents(
@@ -446,17 +446,17 @@ class HalfSetTrainer:
         """Codes of ``batch`` without changing anything: the stored ones of known particles
         (the final ones once :meth:`finalise_latents` ran), inferred from 0
         (``inference_steps``) for the others."""
-        rows, known, on_host = self._rows(batch.indices)
-        if on_host.all():
+        rows, known = self._rows(batch.indices)
+        if known.all():
             return self._codes[rows].clone()
         inferred = self.infer(batch, self.config.inference_steps, store=False)[0]
-        return torch.where(known[:, None], self._codes[rows], inferred)
+        return torch.where(self._to_device(known)[:, None], self._codes[rows], inferred)
 
     def stored_latents(self, indices: np.ndarray) -> torch.Tensor:  # (m, d)
         """The stored codes of ``indices`` (final ones once :meth:`finalise_latents` ran; all
         must be known to this trainer)."""
-        rows, _, on_host = self._rows(indices)
-        if not on_host.all():
+        rows, known = self._rows(indices)
+        if not known.all():
             raise KeyError(f"half {self.half} has no code for some of these particles")
         return self._codes[rows]
 
@@ -689,8 +689,7 @@ class HalfSetTrainer:
         for batch in batches:
             if not len(batch):
                 continue
-            rows, _, on_host = self._rows(batch.indices)
-            rows, pick = self._known_part(rows, on_host)
+            rows, pick = self._known_part(*self._rows(batch.indices))
             mean = self.infer(batch, n_steps, store=False)[0]
             self.final_latents[rows] = mean if pick is None else mean.index_select(0, pick)
             touched[rows] = True
