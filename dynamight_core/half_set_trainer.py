@@ -104,11 +104,11 @@ from .regularization import (
     build_neighbour_graph,
     distance_preservation_loss,
     gradient_ratio_terms,
-    lambda_from_terms,
     mean_neighbour_distance,
     repulsion_candidate_pairs,
     repulsion_loss,
     signal_ratio_terms,
+    smoothed_lambda,
 )
 from .temporal_prior import TemporalPrior, TrackLayout
 
@@ -577,15 +577,9 @@ class HalfSetTrainer:
                                        total=batch.global_size, reduce=reduce)
         else:
             raise ValueError(f"unknown regularization rule {c.regularization_rule!r}")
-        # an estimate (finite, a regulariser that pulls) joins the running average; otherwise
-        # λ falls back to the factor for this epoch and the average is kept as it is
-        w = c.lambda_smoothing
-        if all(map(math.isfinite, terms)) and terms[1] > 0:
-            if w > 0 and self._lambda_terms is not None:
-                terms = tuple(w * old + (1.0 - w) * new
-                              for old, new in zip(self._lambda_terms, terms, strict=True))
-            self._lambda_terms = terms
-        return lambda_from_terms(*terms, c.regularization_factor)
+        weight, self._lambda_terms = smoothed_lambda(self._lambda_terms, terms,
+                                                     c.lambda_smoothing, c.regularization_factor)
+        return weight
 
     def _batch_terms(self, batch: Batch, warmup: bool):
         """Forward pass of a training batch: per-particle NLL, MSE and regulariser (None in

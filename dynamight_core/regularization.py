@@ -165,6 +165,21 @@ def lambda_from_terms(signal_squared: float, reg_norm: float, factor: float,
     return float(factor * math.sqrt(max(signal_squared, 0.0)) / reg_norm)
 
 
+def smoothed_lambda(average: tuple[float, float] | None, terms: tuple[float, float],
+                    weight: float, factor: float) -> tuple[float, tuple[float, float] | None]:
+    """λ from an epoch's ``terms`` (:func:`lambda_from_terms`) and the running average of the
+    terms over the epochs: ``weight × average + (1 − weight) × terms`` (``terms`` alone without
+    an average or at weight 0), from which λ is then taken. Terms that are no estimate (not
+    finite, or no regulariser gradient: λ falls back to ``factor``) leave the average as it
+    is. Returns (λ, the new average)."""
+    if not all(map(math.isfinite, terms)) or terms[1] <= 0:
+        return lambda_from_terms(*terms, factor), average
+    if weight > 0 and average is not None:
+        terms = tuple(weight * old + (1.0 - weight) * new
+                      for old, new in zip(average, terms, strict=True))
+    return lambda_from_terms(*terms, factor), terms
+
+
 def gradient_ratio_terms(
     data_loss: torch.Tensor,  # scalar
     reg_loss: torch.Tensor,  # scalar
@@ -261,4 +276,5 @@ __all__ = [
     "repulsion_loss",
     "signal_ratio_lambda",
     "signal_ratio_terms",
+    "smoothed_lambda",
 ]
