@@ -11,8 +11,9 @@ inside the model), white-noise images, random poses, shifts and CTFs. The field 
 ``choose_grid_size`` (about 8 Gaussians per node), as in the command.
 
 On a CUDA device with Triton the voxel lookup is one kernel per batch (the header says which;
-``DYNAMIGHT_FUSED_LOOKUP=0`` selects the torch code). One line per box: particles timed, wall seconds, particles/s, CPU seconds per particle
-(``time.process_time``, all threads of the process), the share of the decoder + field, and peak
+``DYNAMIGHT_FUSED_LOOKUP=0`` selects the torch code). One line per box: particles timed, wall
+seconds, particles/s, CPU seconds per particle (``time.process_time``, all threads of the
+process), the share of the decoder + field, and peak
 memory (``torch.cuda.max_memory_allocated`` on CUDA, reset per box; on CPU the process's maximum
 RSS from ``getrusage``, a high-water mark over the whole run, ``+N`` = how much this box raised
 it). A warm-up batch before each timed loop is excluded; ``reconstruct()`` is timed separately.
