@@ -276,4 +276,9 @@ def test_cuda_matches_cpu(moving_data):
     idx = np.arange(40)
     cpu = backproject(moving_data, idx, batch=16, grid_size=9)
     gpu = backproject(moving_data, idx, batch=16, grid_size=9, device="cuda")
-    torch.testing.assert_close(gpu.reconstruct().cpu(), cpu.reconstruct(), atol=1e-4, rtol=1e-3)
+    # float32 rounding in another order (cuFFT, atomic adds, the fused lookup): on the CPU a
+    # change of batch or chunk alone moves the map by up to 1.8e-6 of its largest value; an
+    # H100 differed from the CPU by 5.3e-6 of it. A wrong lookup errs by the map's own size.
+    reference = cpu.reconstruct()
+    torch.testing.assert_close(gpu.reconstruct().cpu(), reference, rtol=1e-3,
+                               atol=1e-5 * float(reference.abs().max()))

@@ -36,9 +36,9 @@ def test_explicit_precisions_are_kept_and_bad_ones_rejected():
 
 
 def _adam_steps(device: str, fused_expected: bool, state: dict | None = None):
-    torch.manual_seed(0)
-    params = [torch.randn(40, 3, device=device, requires_grad=True),
-              torch.randn(7, device=device, requires_grad=True)]
+    generator = torch.Generator().manual_seed(0)  # the same start on every device
+    params = [torch.randn(40, 3, generator=generator).to(device).requires_grad_(),
+              torch.randn(7, generator=generator).to(device).requires_grad_()]
     optimiser = adam([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}],
                      torch.device(device))
     if state is not None:

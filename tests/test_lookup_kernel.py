@@ -59,7 +59,13 @@ CHECK = textwrap.dedent("""
                            bp.reconstruct().cpu())
         (d0, w0, n0, m0), (d1, w1, n1, m1) = sums["0"], sums["1"]
         assert n1 == n0 == 2 * b
-        assert torch.equal(w1, w0)  # the CTF² weights do not go through the kernel
+        # the CTF² weights do not go through the kernel: equal, except that CUDA's index_add_
+        # adds in no fixed order (two runs of the torch code differ by 6e-8 of the largest
+        # weight there; measured on an H100)
+        if device.type == "cuda":
+            torch.testing.assert_close(w1, w0, rtol=0, atol=1e-6 * float(w0.abs().max()))
+        else:
+            assert torch.equal(w1, w0)
         assert d0.abs().max() > 0
         if b == 1:  # displacements of several boxes: many voxels read outside the image
             assert (d0 == 0).float().mean() > 0.01, "no voxel read outside the image"
