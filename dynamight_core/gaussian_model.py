@@ -95,11 +95,20 @@ class GaussianModel(nn.Module):
 
     def sigmas(self) -> torch.Tensor:  # (n_g,) Å
         """Width of every Gaussian (its class's sigma), Å."""
-        return torch.exp(self.log_sigmas)[self.class_index]
+        return self._per_gaussian(torch.exp(self.log_sigmas))
 
     def masses(self) -> torch.Tensor:  # (n_g,) voxel units
         """Mass (integral, voxel units) of every Gaussian (its class's amplitude)."""
-        return self.amplitudes[self.class_index]
+        return self._per_gaussian(self.amplitudes)
+
+    def _per_gaussian(self, per_class: torch.Tensor) -> torch.Tensor:  # (n_g,)
+        """Each Gaussian's class value. Not ``per_class[class_index]``: that gradient
+        (index_put with accumulation) sorts the indices on a GPU, 2.7 ms of a 51 ms training
+        step at 30,000 Gaussians on an H100; one class is a broadcast (gradient: a sum),
+        several an ``index_select`` (gradient: a scatter-add)."""
+        if per_class.shape[0] == 1:
+            return per_class.expand(self.class_index.shape[0])
+        return per_class.index_select(0, self.class_index)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(positions (n_g, 3) Å, sigmas (n_g,) Å, masses (n_g,))``."""

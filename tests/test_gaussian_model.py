@@ -128,3 +128,25 @@ def test_fit_reduces_error_on_map_of_known_gaussians() -> None:
         final_error = float(torch.mean((render_direct(*model()) - volume) ** 2))
     assert final_error < history[0] / 20
     assert float(model.class_sigmas.detach().min()) >= 0.5 * VOXEL_SIZE
+
+
+@pytest.mark.parametrize("class_index", [None, [2, 0, 1, 1, 0, 2, 2]])
+def test_per_gaussian_values_and_their_gradients_without_sorting_index_backward(class_index):
+    """Each Gaussian gets its class's width and mass, and the class parameters' gradients are
+    the sums over their Gaussians; not through ``IndexBackward0``, whose CUDA kernel sorts
+    (2.7 ms of a training step at 30,000 Gaussians on an H100)."""
+    n_classes = 1 if class_index is None else 3
+    model = GaussianModel(torch.randn(7, 3), torch.tensor([1.0, 2.0, 3.0][:n_classes]),
+                          torch.tensor([5.0, 6.0, 7.0][:n_classes]), class_index)
+    index = model.class_index
+    weights = torch.arange(1.0, 8.0)
+    sigmas, masses = model.sigmas(), model.masses()
+    assert torch.equal(masses, model.amplitudes.detach()[index])
+    assert torch.equal(sigmas, torch.exp(model.log_sigmas.detach())[index])
+    for values in (sigmas, masses):
+        assert type(values.grad_fn).__name__ != "IndexBackward0"
+    ((sigmas + masses) * weights).sum().backward()
+    per_class = torch.zeros(n_classes).index_add_(0, index, weights)
+    torch.testing.assert_close(model.amplitudes.grad, per_class)
+    torch.testing.assert_close(model.log_sigmas.grad, per_class * torch.exp(model.log_sigmas
+                                                                            .detach()))
