@@ -29,7 +29,7 @@ REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
      --batch-size $BATCH --n-particles $N)
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
-step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
+step gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
   tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
   tests/test_device.py
 step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
