@@ -259,12 +259,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['seconds_per_epoch']:7.1f}  {r['rate']:11.1f}  {r['cpu_s_per_particle']:14.4f}  "
               f"{r['peak_mib']:8.0f}", flush=True)
     print(f"# latent tangents: {_kernel_used(device, 'tangent')}; "
+          f"codes' decoder pass: {_kernel_used(device, 'decoder_pass')}; "
           f"splat: {_kernel_used(device, 'splat')}", flush=True)
 
 
 def _kernel_used(device: torch.device, name: str) -> str:
     """Which code computed the decoder's latent tangents (``name`` "tangent",
-    :mod:`dynamight_core._tangent_kernel`) or the projection's splat ("splat",
+    :mod:`dynamight_core._tangent_kernel`), the codes step's decoder pass ("decoder_pass",
+    :mod:`dynamight_core._decoder_pass_kernel`) or the projection's splat ("splat",
     :mod:`dynamight_core._splat_kernel`)."""
     try:
         kernel = importlib.import_module(f"dynamight_core._{name}_kernel")
@@ -273,8 +275,13 @@ def _kernel_used(device: torch.device, name: str) -> str:
     probe = torch.zeros(1, device=device)
     if kernel._FAILED:
         return f"torch code (the fused kernel failed: {kernel._FAILED[0].splitlines()[0]})"
-    usable = (kernel.fused_tangents_usable(probe, 32) if name == "tangent"
-              else kernel.fused_splat_usable(probe))
+    if name == "tangent":
+        usable = kernel.fused_tangents_usable(probe, 32)
+    elif name == "decoder_pass":
+        with torch.no_grad():  # as the codes step runs it
+            usable = kernel.fused_decoder_pass_usable(probe, 32)
+    else:
+        usable = kernel.fused_splat_usable(probe)
     return "fused kernel" if usable else "torch code"
 
 

@@ -5,7 +5,8 @@
 # tree on the same machine, the command's default model size, the whole pipeline's quality
 # (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles for
 # each stage (benchmarks/bench_pipeline.py); training and projection with the fused kernels and
-# with the torch code (DYNAMIGHT_FUSED_TANGENTS=0, DYNAMIGHT_FUSED_SPLAT=0); the deformed
+# with the torch code (DYNAMIGHT_FUSED_TANGENTS=0, DYNAMIGHT_FUSED_SPLAT=0,
+# DYNAMIGHT_FUSED_DECODER_PASS=0); the deformed
 # backprojection with its fused voxel lookup and with the torch code (DYNAMIGHT_FUSED_LOOKUP=0).
 #
 #   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
@@ -30,7 +31,7 @@ REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
 step gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
-  tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
+  tests/test_decoder_pass_kernel.py tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
   tests/test_device.py
 step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $BIG --profile --profile-output "$WORK/prof"
@@ -38,6 +39,9 @@ if [ -n "$BASELINE" ]; then
   step train_baseline 50 python3 "$BASELINE/benchmarks/bench_optimize_deformations.py" \
     "${REF[@]}" --boxes $BIG
 fi
+# the codes step's decoder pass by the torch code and the tangent kernel, as before the kernel
+step train_new_torch_decoder_pass 40 env DYNAMIGHT_FUSED_DECODER_PASS=0 python3 \
+  benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
 step train_new_boxes 50 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $OTHERS
 # a one-dimensional motion: the motion-mode start leaves 5 of the 6 dimensions unused, whose

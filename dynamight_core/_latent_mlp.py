@@ -18,7 +18,8 @@ every output, carried through the layers with the primal pass (forward-mode by h
 
 They cost about one matrix product per layer and latent dimension, reuse the primal's
 activations, are computed without autograd and follow the autocast precision of the pass. On a
-CUDA device with Triton the whole chain runs as one kernel (:mod:`._tangent_kernel`).
+CUDA device with Triton the whole chain runs as one kernel (:mod:`._tangent_kernel`), and with
+autograd off (the codes' inference) the primal pass too (:mod:`._decoder_pass_kernel`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ._decoder_pass_kernel import decoder_pass, fused_decoder_pass_usable
 from ._tangent_kernel import fused_tangents_usable, latent_tangents
 from .positional_encoding import encoding_dim, normalise_positions, positional_encoding
 
@@ -93,9 +95,23 @@ class LatentConditionedMLP(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # out (b, m, 3), tangents (r, k, m, 3) detached
         """:meth:`_mlp` and its derivatives with respect to the latent coordinates ``dims``
         (all of them by default; module docstring) for the first ``tangent_rows`` codes; the
-        output keeps its autograd graph, the tangents have none."""
+        output keeps its autograd graph, the tangents have none. With autograd off, on a GPU,
+        both come from one kernel (:mod:`._decoder_pass_kernel`)."""
         x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
         position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # (m, w)
+        # the coordinates' columns of W_z: a subset of coordinates is a subset of columns (an
+        # exact copy, so each tangent is what the full set gives)
+        weight_z = self.latent_layer.weight
+        if dims is not None:
+            weight_z = weight_z.index_select(1, dims)
+        if fused_decoder_pass_usable(position_term, self.n_neurons):  # no autograd: one kernel
+            result = decoder_pass(
+                position_term, self.latent_layer(z),
+                [(layer.weight, layer.bias) for layer in self.hidden_layers], weight_z,
+                self.output_layer.weight, self.output_layer.bias,
+                z.shape[0] if tangent_rows is None else tangent_rows)
+            if result is not None:
+                return result
         latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
         h = self.activation(position_term + latent_term)  # (b, m, w)
         first, steps = h, []
@@ -107,11 +123,6 @@ class LatentConditionedMLP(nn.Module):
         if tangent_rows is not None:  # leading rows of contiguous tensors: still contiguous
             first, steps = first[:tangent_rows], [step[:tangent_rows] for step in steps]
         weights = [layer.weight for layer in self.hidden_layers]
-        # the tangent along z_k starts from W_z's column k: a subset of coordinates is a
-        # subset of columns (an exact copy, so each tangent is what the full set gives)
-        weight_z = self.latent_layer.weight
-        if dims is not None:
-            weight_z = weight_z.index_select(1, dims)
         tangents = None
         if fused_tangents_usable(first, self.n_neurons):  # one GPU kernel; None if it failed
             tangents = latent_tangents(first, steps, weight_z, weights, self.output_layer.weight)
