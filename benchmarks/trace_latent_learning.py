@@ -10,6 +10,12 @@ spread of the latent codes, and the cross-validated kNN R² (k = 20) of the true
 coordinate from the codes of the training particles and of the validation particles (inferred
 through the model, which never trains on them), as the command has them after the epoch.
 
+With ``--batch-trace FILE`` every training batch adds a JSON line to ``FILE``: half, epoch, λ,
+the batch's regulariser (mean and largest), data MSE, the largest and mean code norm, and the
+norm of the decoder's parameter change made by the step before it (an Adam step's size: about
+``lr × sqrt(parameters)`` when every parameter moves by the full learning rate). It found the
+blow-ups of *Blow-ups in the middle of training* (``benchmarks/RESULTS.md``).
+
 Example::
 
     dynamight simulate --output-directory /tmp/clamp --preset clamp
@@ -19,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +39,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 from _common import add_save_states_args, save_state, start_training
 from _common import batches_of as _batches
 
+from dynamight_core import half_set_trainer
 from dynamight_core.quality_scores import knn_r2
+
+
+def trace_batches(path: Path) -> None:
+    """Append a JSON line per training batch to ``path`` (module docstring), by wrapping
+    :meth:`HalfSetTrainer._batch_terms` (this process only)."""
+    terms = half_set_trainer.HalfSetTrainer._batch_terms
+    out = path.open("w")
+    previous = {}
+
+    def traced(self, batch, warmup):
+        result = terms(self, batch, warmup)
+        _, mse, reg, mean, _, _ = result
+        params = torch.cat([p.detach().flatten() for p in self.model.decoder.parameters()])
+        last = previous.get(self.half)
+        previous[self.half] = params.clone()
+        norms = mean.detach().norm(dim=1)
+        out.write(json.dumps({
+            "half": self.half, "epoch": self.epoch, "lambda": float(self.regularization_weight),
+            "reg": float(reg.detach().mean()), "reg_max": float(reg.detach().max()),
+            "mse": float(mse.detach().mean()), "code_norm_max": float(norms.max()),
+            "code_norm_mean": float(norms.mean()),
+            "decoder_step": float((params - last).norm()) if last is not None else 0.0}) + "\n")
+        out.flush()
+        return result
+
+    half_set_trainer.HalfSetTrainer._batch_terms = traced
 
 
 def main(argv=None) -> None:
@@ -42,6 +76,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--both-halves", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-trace", type=Path, help="per-batch JSON lines to this file")
     add_save_states_args(parser, "trace")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -49,6 +84,8 @@ def main(argv=None) -> None:
     args.command_args = argv[split + 1:]  # options of optimize-deformations
     torch.set_num_threads(args.threads)
 
+    if args.batch_trace is not None:
+        trace_batches(args.batch_trace)
     device = torch.device("cpu")
     opts, particles, motion, training = start_training(args.dataset, args.command_args, device)
     trainers, validation = training.trainers, training.validation
