@@ -48,7 +48,13 @@ Schedule (epochs counted from 0):
   part, :func:`.regularization.signal_ratio_lambda`). With ``lambda_smoothing`` the two terms
   are running averages over the epochs' first batches: one batch's estimate of the signal is
   noisy at low SNR (at SNR 0.02 a fifth of single-batch estimates are 0).
-- the neighbour graph and repulsion pairs are rebuilt from the consensus at every epoch start.
+- the neighbour graph's edges are those of the starting model (``initial_positions``, the same
+  in both halves) for the whole run, their rest lengths the current consensus's, taken at
+  every epoch start. A graph rebuilt from the drifting consensus gained a few edges across the
+  moving interface, whose length the motion itself changes: at SNR 0.02 one rebuild raised the
+  regulariser 4.5-fold before any step, and the epoch that followed blew up (regulariser ×400,
+  held-out residual worse than at the start; ``benchmarks/RESULTS.md``, *Blow-ups in the
+  middle of training*). The repulsion pairs are found from the consensus at every epoch start.
 - consensus update, after every ``consensus_update_interval``-th joint epoch: the latent code
   of every training particle seen in the epoch is decoded; the
   ``consensus_update_fraction`` of particles whose deformed model lies closest (mean distance
@@ -107,6 +113,7 @@ from .regularization import (
     mean_neighbour_distance,
     repulsion_candidate_pairs,
     repulsion_loss,
+    rest_lengths,
     signal_ratio_terms,
     smoothed_lambda,
 )
@@ -495,9 +502,11 @@ class HalfSetTrainer:
         self.final_latents = None  # the model changes: final codes no longer hold
         self._set_trainable(warmup)
         consensus = self.model.gaussians.positions.detach()
-        # on the device once per epoch: a per-batch copy from pageable memory synchronises
-        self._edges, self._rest_lengths = (x.to(self.device)
-                                           for x in build_neighbour_graph(consensus))
+        # the edges of the starting model, the rest lengths of the current consensus (module
+        # docstring); on the device once per epoch: a per-batch copy from pageable memory
+        # synchronises
+        self._edges = build_neighbour_graph(self.initial_positions)[0].to(self.device)
+        self._rest_lengths = rest_lengths(consensus, self._edges)
         self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance).to(
             self.device)
         self.noise.reset()

@@ -10,6 +10,8 @@ Rules (all distances in Å, positions xyz relative to the box centre):
   ``cKDTree.query_pairs``). Each edge remembers its consensus (rest) length. On a simple cubic
   lattice of spacing ``a`` (``s = a``) the default gives the 6 face neighbours plus the 12
   edge diagonals (``sqrt(2) a < 1.5 a``); ``factor < sqrt(2)`` gives the 6 face neighbours only.
+  The trainer chooses the edges once, on the starting model, and takes their rest lengths from
+  the current consensus at every epoch (:func:`rest_lengths`).
 - **Distance preservation** (:func:`distance_preservation_loss`): per particle, the mean over
   edges of the squared relative length change ``((l - l0) / l0)**2`` (dimensionless; with
   ``relative=False`` the squared absolute change in Å²). Zero for any rigid motion.
@@ -74,6 +76,16 @@ def build_neighbour_graph(
     logger.debug("neighbour graph: cutoff %.3f Å, %d edges on %d points (%.2f per point)",
                  cutoff, edges.shape[0], points.shape[0], 2 * edges.shape[0] / points.shape[0])
     return edges, rest_lengths
+
+
+def rest_lengths(
+    positions: torch.Tensor,  # (n, 3) Å
+    edges: torch.Tensor,  # (E, 2) long, on positions' device
+) -> torch.Tensor:  # (E,) float32 Å, no autograd
+    """The lengths of ``edges`` in ``positions``: the rest lengths of a graph whose edges were
+    chosen on other positions (the trainer keeps the starting model's edges)."""
+    with torch.no_grad():
+        return (positions[edges[:, 0]] - positions[edges[:, 1]]).norm(dim=-1).to(torch.float32)
 
 
 def _edge_lengths(
@@ -274,6 +286,7 @@ __all__ = [
     "mean_neighbour_distance",
     "repulsion_candidate_pairs",
     "repulsion_loss",
+    "rest_lengths",
     "signal_ratio_lambda",
     "signal_ratio_terms",
     "smoothed_lambda",

@@ -19,7 +19,11 @@ from dynamight_core.half_set_trainer import HalfSetTrainer, TrainerConfig
 from dynamight_core.latent_inference import likelihood_pixel_weights
 from dynamight_core.map_projection import project_map, simulate_particle_images
 from dynamight_core.particles import ParticleSet, TensorImageSource
-from dynamight_core.regularization import distance_preservation_loss
+from dynamight_core.regularization import (
+    build_neighbour_graph,
+    distance_preservation_loss,
+    mean_neighbour_distance,
+)
 from dynamight_core.shift import apply_relion_origin_rfft
 from dynamight_core.simulation import (
     consensus_map,
@@ -323,6 +327,29 @@ def test_final_codes_are_kept_apart_from_the_training_state(dataset):
     torch.testing.assert_close(restored.stored_latents(own), final)
     t.train_epoch(batches(particles, t.epoch_order()))  # the model changes: finals dropped
     assert t.final_latents is None
+
+
+def test_neighbour_graph_keeps_the_starting_models_edges_with_the_consensus_rest_lengths(
+        dataset):
+    """The consensus drifts during training; each epoch the regulariser's edges stay those of
+    the starting model (a rebuilt graph would gain edges across a moving interface, whose
+    length the motion changes), and its rest lengths are the current consensus's."""
+    particles, _ = dataset
+    t = make_trainers(dataset, no_validation(), n_warmup_epochs=0,
+                      consensus_update_interval=0)[1]
+    initial_edges, _ = build_neighbour_graph(t.initial_positions)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a drift that changes which pairs are within the cutoff
+        t.model.gaussians.positions.add_(
+            0.3 * mean_neighbour_distance(t.initial_positions)
+            * torch.randn(t.initial_positions.shape, generator=generator))
+    rebuilt, _ = build_neighbour_graph(t.model.gaussians.positions.detach())
+    assert rebuilt.shape != initial_edges.shape or not torch.equal(rebuilt, initial_edges)
+    consensus = t.model.gaussians.positions.detach().clone()
+    t.train_epoch(batches(particles, t.epoch_order()))
+    assert torch.equal(t._edges, initial_edges)
+    lengths = (consensus[initial_edges[:, 0]] - consensus[initial_edges[:, 1]]).norm(dim=-1)
+    torch.testing.assert_close(t._rest_lengths, lengths)
 
 
 def test_consensus_update_is_anchored_to_the_initial_model(dataset):
