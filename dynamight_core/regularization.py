@@ -71,11 +71,9 @@ def build_neighbour_graph(
     points = _as_numpy_positions(positions)
     cutoff = factor * mean_neighbour_distance(points, k=2)
     edges = _pairs_to_tensor(cKDTree(points).query_pairs(cutoff, output_type="ndarray"))
-    p = torch.from_numpy(points)
-    rest_lengths = (p[edges[:, 0]] - p[edges[:, 1]]).norm(dim=-1).to(torch.float32)
     logger.debug("neighbour graph: cutoff %.3f Å, %d edges on %d points (%.2f per point)",
                  cutoff, edges.shape[0], points.shape[0], 2 * edges.shape[0] / points.shape[0])
-    return edges, rest_lengths
+    return edges, rest_lengths(torch.from_numpy(points), edges)
 
 
 def rest_lengths(
