@@ -203,6 +203,7 @@ class HalfSetTrainer:
                                          c.n_positional_encoding_dimensions, movable_mask)
         gaussians = copy.deepcopy(initial_gaussians).cpu()
         self.initial_positions = gaussians.positions.detach().clone().to(self.device)
+        self._start_edges: torch.Tensor | None = None  # of initial_positions, found when needed
         self.model = DeformationModel(gaussians, decoder, c.box_size,
                                       c.pixel_size).to(self.device)
         self.latents = torch.zeros(self.known_indices.shape[0], c.latent_dim,
@@ -505,7 +506,9 @@ class HalfSetTrainer:
         # the edges of the starting model, the rest lengths of the current consensus (module
         # docstring); on the device once per epoch: a per-batch copy from pageable memory
         # synchronises
-        self._edges = build_neighbour_graph(self.initial_positions)[0].to(self.device)
+        if self._start_edges is None:  # a constant of the run
+            self._start_edges = build_neighbour_graph(self.initial_positions)[0].to(self.device)
+        self._edges = self._start_edges
         self._rest_lengths = rest_lengths(consensus, self._edges)
         self._repulsion_pairs = repulsion_candidate_pairs(consensus, c.repulsion_distance).to(
             self.device)
@@ -757,6 +760,7 @@ class HalfSetTrainer:
         self._lambda_terms = None if terms is None else (float(terms[0]), float(terms[1]))
         # a copy: the halves' checkpoint may hold one tensor for both (same initial model)
         self.initial_positions = state["initial_positions"].to(self.device, copy=True)
+        self._start_edges = None
         active = state.get("active_dims")  # absent before: every dimension in use
         self.active_dims = (torch.ones(self.config.latent_dim, dtype=torch.bool)
                             if active is None else active.to(torch.bool)).to(self.device)
