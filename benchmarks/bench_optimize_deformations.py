@@ -260,13 +260,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['peak_mib']:8.0f}", flush=True)
     print(f"# latent tangents: {_kernel_used(device, 'tangent')}; "
           f"codes' decoder pass: {_kernel_used(device, 'decoder_pass')}; "
+          f"decoder MLP with autograd: {_kernel_used(device, 'mlp')}; "
           f"splat: {_kernel_used(device, 'splat')}", flush=True)
 
 
 def _kernel_used(device: torch.device, name: str) -> str:
     """Which code computed the decoder's latent tangents (``name`` "tangent",
     :mod:`dynamight_core._tangent_kernel`), the codes step's decoder pass ("decoder_pass",
-    :mod:`dynamight_core._decoder_pass_kernel`) or the projection's splat ("splat",
+    :mod:`dynamight_core._decoder_pass_kernel`), the training step's decoder MLP ("mlp",
+    :mod:`dynamight_core._mlp_kernel`) or the projection's splat ("splat",
     :mod:`dynamight_core._splat_kernel`)."""
     try:
         kernel = importlib.import_module(f"dynamight_core._{name}_kernel")
@@ -280,6 +282,9 @@ def _kernel_used(device: torch.device, name: str) -> str:
     elif name == "decoder_pass":
         with torch.no_grad():  # as the codes step runs it
             usable = kernel.fused_decoder_pass_usable(probe, 32)
+    elif name == "mlp":
+        usable = kernel.fused_mlp_usable(torch.zeros(1, 32, device=device), 32,
+                                         torch.zeros(1, device=device))
     else:
         usable = kernel.fused_splat_usable(probe)
     return "fused kernel" if usable else "torch code"

@@ -6,7 +6,7 @@
 # (twist-hinge, SNR 0.05) to compare with earlier runs, and seconds per 10,000 particles for
 # each stage (benchmarks/bench_pipeline.py); training and projection with the fused kernels and
 # with the torch code (DYNAMIGHT_FUSED_TANGENTS=0, DYNAMIGHT_FUSED_SPLAT=0,
-# DYNAMIGHT_FUSED_DECODER_PASS=0); the deformed
+# DYNAMIGHT_FUSED_DECODER_PASS=0, DYNAMIGHT_FUSED_MLP=0); the deformed
 # backprojection with its fused voxel lookup and with the torch code (DYNAMIGHT_FUSED_LOOKUP=0).
 #
 #   mkdir .gpu_baseline && git archive BASE dynamight_core relion_external benchmarks \
@@ -30,8 +30,8 @@ REF=(--device $DEV --n-gaussians $G --n-latent-dimensions 6 --n-linear-layers 8
      --batch-size $BATCH --n-particles $N)
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format=csv 2>/dev/null; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'"
-step gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
-  tests/test_decoder_pass_kernel.py tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
+step gpu_tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
+  tests/test_decoder_pass_kernel.py tests/test_mlp_kernel.py tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
   tests/test_device.py
 step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $BIG --profile --profile-output "$WORK/prof"
@@ -41,6 +41,9 @@ if [ -n "$BASELINE" ]; then
 fi
 # the codes step's decoder pass by the torch code and the tangent kernel, as before the kernel
 step train_new_torch_decoder_pass 40 env DYNAMIGHT_FUSED_DECODER_PASS=0 python3 \
+  benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
+# the training step's decoder MLP by torch autograd, as before its kernels
+step train_new_torch_mlp 40 env DYNAMIGHT_FUSED_MLP=0 python3 \
   benchmarks/bench_optimize_deformations.py "${REF[@]}" --boxes $BIG
 step train_new_boxes 50 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $OTHERS

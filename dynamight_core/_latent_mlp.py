@@ -19,7 +19,9 @@ every output, carried through the layers with the primal pass (forward-mode by h
 They cost about one matrix product per layer and latent dimension, reuse the primal's
 activations, are computed without autograd and follow the autocast precision of the pass. On a
 CUDA device with Triton the whole chain runs as one kernel (:mod:`._tangent_kernel`), and with
-autograd off (the codes' inference) the primal pass too (:mod:`._decoder_pass_kernel`).
+autograd off (the codes' inference) the primal pass too (:mod:`._decoder_pass_kernel`). The plain
+pass (:meth:`LatentConditionedMLP._mlp`, the training step's) runs there as one kernel forward
+and one backward (:mod:`._mlp_kernel`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from ._decoder_pass_kernel import decoder_pass, fused_decoder_pass_usable
+from ._mlp_kernel import fused_mlp_usable, mlp
 from ._tangent_kernel import fused_tangents_usable, latent_tangents
 from .positional_encoding import encoding_dim, normalise_positions, positional_encoding
 
@@ -162,6 +165,12 @@ class LatentConditionedMLP(nn.Module):
     ) -> torch.Tensor:  # (b, m, 3) box-normalised
         x = normalise_positions(positions_angstrom, self.box_size, self.voxel_size)
         position_term = self.position_layer(positional_encoding(x, self.n_freqs))  # ([b,] m, w)
+        if fused_mlp_usable(position_term, self.n_neurons, self.output_layer.weight):
+            out = mlp(position_term, self.latent_layer(z),  # one kernel each way (GPU)
+                      [(layer.weight, layer.bias) for layer in self.hidden_layers],
+                      self.output_layer.weight, self.output_layer.bias)
+            if out is not None:
+                return out
         latent_term = rearrange(self.latent_layer(z), "b w -> b 1 w")
         h = self.activation(position_term + latent_term)  # (b, m, w)
         for layer in self.hidden_layers:

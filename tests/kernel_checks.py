@@ -1,5 +1,6 @@
 """Helpers for the tests of the core's GPU kernels (``test_tangent_kernel.py``,
-``test_splat_kernel.py``, ``test_lookup_kernel.py``, ``test_decoder_pass_kernel.py``).
+``test_splat_kernel.py``, ``test_lookup_kernel.py``, ``test_decoder_pass_kernel.py``,
+``test_mlp_kernel.py``).
 
 A kernel runs on a CUDA device or, where Triton is installed, in Triton's CPU interpreter. The
 interpreter is chosen by ``TRITON_INTERPRET=1`` when a kernel is defined, so every check runs in
@@ -30,7 +31,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_TRITON = "Triton is not installed (CUDA builds of torch bring it; the CPU wheel does not)"
 # each kernel's switch (the environment variable that selects the torch code with "0")
 SWITCHES = {"tangent": "DYNAMIGHT_FUSED_TANGENTS", "splat": "DYNAMIGHT_FUSED_SPLAT",
-            "lookup": "DYNAMIGHT_FUSED_LOOKUP", "decoder_pass": "DYNAMIGHT_FUSED_DECODER_PASS"}
+            "lookup": "DYNAMIGHT_FUSED_LOOKUP", "decoder_pass": "DYNAMIGHT_FUSED_DECODER_PASS",
+            "mlp": "DYNAMIGHT_FUSED_MLP"}
 
 
 def skip_if_interpreting() -> None:
