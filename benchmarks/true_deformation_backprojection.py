@@ -11,6 +11,12 @@ deformations lose, and the difference between this and the motion-free reconstru
 (``upper``) is what the map-making step (coarse field, real-space lookup, rigid CTF² weights)
 loses.
 
+With ``--motion-from-codes`` it does the same a second time with each particle's motion
+coordinate read from the run's latent codes instead (the cross-validated k-nearest-neighbour
+prediction from the codes of its half set, the estimate behind the benchmark's kNN R²): the
+true motion model driven by what the codes know. Between the two lies what the codes' noise
+costs; between that and the run, what the learnt decoder's path costs.
+
 It also prints the spread of the masked half-map FSC under the null near Nyquist (the second
 half map's phases randomised beyond shell 16, 30 draws, both masked with the soft mask as
 ``truth_comparison`` masks them): the scale against which the ``claim_excess`` score of those
@@ -34,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import starfile
 import torch
 
@@ -43,6 +50,7 @@ from dynamight_core.deformed_backprojection import DeformedBackprojector, choose
 from dynamight_core.displacement_field import displacement_grid_from_gaussians
 from dynamight_core.fsc import fsc
 from dynamight_core.protein_like_structure import PRESETS, protein_like_structure
+from dynamight_core.quality_scores import knn_predict, knn_r2
 from relion_external.map_io import read_map, write_map
 from relion_external.particles_adapter import load_particle_set
 from relion_external.truth_comparison import compare_with_truth
@@ -51,12 +59,33 @@ KEYS = ("moving_gap_closed", "moving_area_deformed", "static_area_change",
         "half_map_resolution_deformed", "claim_excess_deformed", "claim_excess_upper")
 
 
-def backproject_true(data: Path, preset: str, out: Path, batch_size: int) -> int:
-    """Both half maps of ``data``'s particles with the true displacement fields into ``out``;
-    returns the field's grid size."""
+def true_motion(data: Path) -> np.ndarray:  # (n,) in the particles' order
+    return starfile.read(data / "ground_truth" / "motion.star",
+                         always_dict=True)["particles"]["dmMotion"].to_numpy()
+
+
+def motion_from_codes(data: Path, run: Path) -> tuple[np.ndarray, dict[int, float]]:
+    """Each particle's motion coordinate predicted from its half set's codes (module
+    docstring), and the kNN R² per half."""
+    table = starfile.read(run / "particles.star", always_dict=True)["particles"]
+    columns = sorted(c for c in table.columns if c.startswith("rlnDynaMightLatent"))
+    codes, half_set = table[columns].to_numpy(), table["rlnDynaMightHalfSet"].to_numpy()
+    truth = true_motion(data)
+    estimate, r2 = np.empty_like(truth), {}
+    for half in (1, 2):
+        rows = half_set == half
+        estimate[rows] = knn_predict(codes[rows], truth[rows])
+        r2[half] = round(knn_r2(codes[rows], truth[rows]), 3)
+    return estimate, r2
+
+
+def backproject_true(data: Path, preset: str, out: Path, batch_size: int,
+                     motion: np.ndarray | None = None) -> int:
+    """Both half maps of ``data``'s particles with the true motion model's displacement fields
+    into ``out``, at the true motion coordinates or at ``motion`` (n,); returns the field's
+    grid size."""
     particles, _ = load_particle_set(str(data / "particles.star"), project_dir=str(data))
-    motion = starfile.read(data / "ground_truth" / "motion.star",
-                           always_dict=True)["particles"]["dmMotion"].to_numpy()
+    motion = true_motion(data) if motion is None else motion
     structure = protein_like_structure(preset)
     reference = structure.deformed_positions(torch.zeros(1))[0]  # (n, 3) at t = 0
     box, pixel = particles.box_size, particles.pixel_size
@@ -103,6 +132,9 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=PRESETS, required=True)
     parser.add_argument("--run", type=Path, default=None,
                         help="a run's job folder in the dataset, scored beside it")
+    parser.add_argument("--motion-from-codes", action="store_true",
+                        help="also backproject at the motion coordinates the --run's codes "
+                             "predict (module docstring)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -114,13 +146,20 @@ def main(argv=None) -> None:
     seconds = time.time() - t0
     result = {"dataset": str(root), "grid": grid, "seconds": round(seconds, 1)}
     maps = {"true deformations": out}
+    if args.motion_from_codes:
+        if args.run is None:
+            parser.error("--motion-from-codes needs --run")
+        estimate, result["codes_knn_r2"] = motion_from_codes(data, args.run)
+        maps["true model at the codes' motion"] = root / "true_deformation_from_codes"
+        backproject_true(data, args.preset, maps["true model at the codes' motion"],
+                         args.batch_size, estimate)
     if args.run is not None:
         maps["run"] = args.run / "backprojection"
     for label, folder in maps.items():
         scores = compare_with_truth(data, {"rigid": root / "rigid", "deformed": folder,
                                            "upper": root / "upper"}).scores
         result[label] = {key: scores[key] for key in KEYS}
-        print(f"{label:18s} " + "  ".join(f"{key} {scores[key]}" for key in KEYS), flush=True)
+        print(f"{label:32s} " + "  ".join(f"{key} {scores[key]}" for key in KEYS), flush=True)
     box = read_map(out / "map_half1.mrc")[0].shape[-1]
     result["null_fsc_sd"] = null_spread(data, out, range(box // 2 - 4, box // 2 + 1))
     print(f"masked half-map FSC under the null, sd per shell: {result['null_fsc_sd']}")

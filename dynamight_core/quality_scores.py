@@ -60,6 +60,16 @@ def gap_closed(area_deformed: float, area_rigid: float, area_upper: float) -> fl
 def knn_r2(latents: np.ndarray, truth: np.ndarray, k: int = 20, n_folds: int = 5,
            seed: int = 0) -> float:
     """Cross-validated k-nearest-neighbour R² of ``truth (n,)`` from ``latents (n, d)``."""
+    truth = np.asarray(truth, dtype=np.float64)
+    predicted = knn_predict(latents, truth, k, n_folds, seed)
+    sst = ((truth - truth.mean()) ** 2).sum()
+    return float(1.0 - ((truth - predicted) ** 2).sum() / sst) if sst > 0 else float("nan")
+
+
+def knn_predict(latents: np.ndarray, truth: np.ndarray, k: int = 20, n_folds: int = 5,
+                seed: int = 0) -> np.ndarray:  # (n,)
+    """Cross-validated k-nearest-neighbour prediction of ``truth (n,)`` from ``latents (n, d)``:
+    each particle's value is the mean of its ``k`` nearest neighbours' in the other folds."""
     latents = np.asarray(latents, dtype=np.float64).reshape(len(truth), -1)
     truth = np.asarray(truth, dtype=np.float64)
     n = truth.shape[0]
@@ -72,8 +82,7 @@ def knn_r2(latents: np.ndarray, truth: np.ndarray, k: int = 20, n_folds: int = 5
         kk = min(k, int(train.sum()))
         _, idx = cKDTree(latents[train]).query(latents[test], k=kk)
         predicted[test] = truth[train][np.asarray(idx).reshape(int(test.sum()), kk)].mean(1)
-    sst = ((truth - truth.mean()) ** 2).sum()
-    return float(1.0 - ((truth - predicted) ** 2).sum() / sst) if sst > 0 else float("nan")
+    return predicted
 
 
-__all__ = ["fsc_area", "gap_closed", "knn_r2", "region_masks"]
+__all__ = ["fsc_area", "gap_closed", "knn_predict", "knn_r2", "region_masks"]
