@@ -33,6 +33,9 @@ step env 20 bash -c "nvidia-smi --query-gpu=name,clocks.sm,memory.total --format
 step gpu_tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tangent_kernel.py \
   tests/test_decoder_pass_kernel.py tests/test_mlp_kernel.py tests/test_splat_kernel.py tests/test_lookup_kernel.py tests/test_deformed_backprojection.py tests/test_batch_prefetch.py \
   tests/test_device.py
+# the decoder alone: fused kernels against torch, and the training kernels' rows / warps
+step decoder 60 python3 benchmarks/bench_decoder.py --device $DEV --n-gaussians $G \
+  --batch-size $BATCH --sweep
 step train_new_profiled 80 python3 benchmarks/bench_optimize_deformations.py "${REF[@]}" \
   --boxes $BIG --profile --profile-output "$WORK/prof"
 if [ -n "$BASELINE" ]; then

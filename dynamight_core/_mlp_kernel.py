@@ -49,6 +49,8 @@ from ._triton_support import interpreting, kernel_may_run, record_failure, tl, t
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
 _PROGRAMS = 1024  # backward: about this many programs (Gaussian blocks × particle runs)
+_ROWS: int | None = None  # rows (Gaussians) per program; None: by width (benchmarks sweep it)
+_WARPS = 4  # warps per program of both kernels
 
 
 def fused_mlp_usable(position_term: torch.Tensor, width: int,
@@ -64,6 +66,8 @@ def fused_mlp_usable(position_term: torch.Tensor, width: int,
 
 def _rows(width: int) -> int:
     """Rows (or Gaussians) per program: a few thousand values per register tile."""
+    if _ROWS is not None:
+        return _ROWS
     return 64 if width <= 32 else 32
 
 
@@ -219,7 +223,7 @@ class _FusedMLP(torch.autograd.Function):
                     *terms, *(t if t.numel() else dummy for t in parameters[:2]),
                     *parameters[2:], out, activations if activations.numel() else out,
                     b * m, m, L=n_layers, W=w, R=rows, OP=16, BF16=_bf16(dtype), SAVE=save,
-                    num_warps=4)
+                    num_warps=_WARPS)
         if save:
             ctx.save_for_backward(*terms, *parameters, activations)
         return out
@@ -269,7 +273,7 @@ def _backward(position_term, latent_term, weights, biases, wo, grad, activations
         _backward_kernel[(blocks, chunks)](
             position_term, latent_term, *layer_tensors[:2], wo, grad, layer_tensors[2],
             d_position, d_latent, *layer_tensors[3:], d_wo, d_bo, m, b, run, L=n_layers, W=w,
-            R=rows, OP=op, BF16=_bf16(position_term.dtype), num_warps=4)
+            R=rows, OP=op, BF16=_bf16(position_term.dtype), num_warps=_WARPS)
     return (d_position.sum(0).to(position_term.dtype), d_latent.sum(0).to(latent_term.dtype),
             d_weights.sum(0), d_biases.sum(0), d_wo.sum(0)[:3], d_bo.sum(0)[:3])
 
