@@ -62,6 +62,10 @@ step backprojection 30 python3 benchmarks/bench_backprojection.py --device $DEV 
 step backprojection_torch_lookup 30 env DYNAMIGHT_FUSED_LOOKUP=0 python3 \
   benchmarks/bench_backprojection.py --device $DEV --boxes $BIG $OTHERS --n-gaussians $G \
   --batch-size 32 --n-particles 512
+# the backprojection's decoder pass by torch (no grad: the MLP kernel's forward alone)
+step backprojection_torch_mlp 30 env DYNAMIGHT_FUSED_MLP=0 python3 \
+  benchmarks/bench_backprojection.py --device $DEV --boxes $BIG $OTHERS --n-gaussians $G \
+  --batch-size 32 --n-particles 512
 step train_new_default 40 python3 benchmarks/bench_optimize_deformations.py --device $DEV \
   --boxes 64 128 256 --n-particles $N
 step pipeline 150 python3 benchmarks/bench_quality.py --output-directory "$WORK/quality" \
