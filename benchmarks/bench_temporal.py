@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, bench_quality
 
-from _common import cpu_name
-from bench_quality import _run, prepare_dataset, score
+from _common import cpu_name, run_dynamight
+from bench_quality import prepare_dataset, score
 
 
 def main(argv=None) -> None:
@@ -65,12 +65,12 @@ def main(argv=None) -> None:
     results = []
     for name, flags in (("standard", []), ("temporal", ["--temporal-prior"])):
         job = root / name
-        t_train = _run(["optimize-deformations", "--refinement-star-file",
+        t_train = run_dynamight(["optimize-deformations", "--refinement-star-file",
                         str(data / "particles.star"), "--initial-model",
                         str(data / "consensus_map.mrc"), "--output-directory", str(job),
                         "--n-epochs", str(args.n_epochs), "--early-stopping-patience", "0",
                         *gpu, *threads, *flags, *extra])
-        t_bp = _run(["deformable-backprojection", str(job), "--mask-file",
+        t_bp = run_dynamight(["deformable-backprojection", str(job), "--mask-file",
                      str(data / "mask.mrc"), *gpu, *threads])
         result = {"prior": name, "preset": args.preset, "snr": args.snr,
                   "tracks": args.tracks, "frames": args.frames,

@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 
 from dynamight_core.deformed_backprojection import DeformedBackprojector, choose_grid_size
+from dynamight_core.device import choose_device
 from dynamight_core.displacement_field import displacement_grid_from_gaussians
 from dynamight_core.fsc import fsc
 from dynamight_core.protein_like_structure import PRESETS, protein_like_structure
@@ -80,10 +81,12 @@ def motion_from_codes(data: Path, run: Path) -> tuple[np.ndarray, dict[int, floa
 
 
 def backproject_true(data: Path, preset: str, out: Path, batch_size: int,
-                     motion: np.ndarray | None = None) -> int:
+                     motion: np.ndarray | None = None, device: torch.device | None = None
+                     ) -> int:
     """Both half maps of ``data``'s particles with the true motion model's displacement fields
-    into ``out``, at the true motion coordinates or at ``motion`` (n,); returns the field's
-    grid size."""
+    into ``out``, at the true motion coordinates or at ``motion`` (n,), backprojected on
+    ``device``; returns the field's grid size."""
+    device = torch.device("cpu") if device is None else device
     particles, _ = load_particle_set(str(data / "particles.star"), project_dir=str(data))
     motion = true_motion(data) if motion is None else motion
     structure = protein_like_structure(preset)
@@ -93,18 +96,35 @@ def backproject_true(data: Path, preset: str, out: Path, batch_size: int,
     out.mkdir(parents=True, exist_ok=True)
     for half in (1, 2):
         rows = particles.indices_of_half(half)
-        backprojector = DeformedBackprojector(box, pixel, "cpu")
+        backprojector = DeformedBackprojector(box, pixel, device)
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             m = torch.as_tensor(motion[batch], dtype=torch.float32)
             displacements = structure.deformed_positions(m) - reference[None]
             field = displacement_grid_from_gaussians(reference, displacements, box, pixel,
-                                                     grid_size=grid)
+                                                     grid_size=grid).to(device)
             backprojector.add(particles.images.read(batch), particles.rotations[batch],
                               particles.shifts_angstrom[batch], particles.ctf.subset(batch),
                               field)
-        write_map(out / f"map_half{half}.mrc", backprojector.reconstruct(), pixel)
+        write_map(out / f"map_half{half}.mrc", backprojector.reconstruct().cpu(), pixel)
     return grid
+
+
+def decomposition(root: Path, job: Path, preset: str, batch_size: int = 64,
+                  device: torch.device | None = None) -> dict[str, float]:
+    """The moving region's gap closed by the true motion (``root/true_deformation``, made once
+    per dataset) and by the true motion model at the codes' estimate of the motion
+    (``job/true_model_at_codes``), scored as ``bench_quality.py`` scores a run."""
+    data = root / "data"
+    maps = {"gap_true_deformations": root / "true_deformation",
+            "gap_true_model_at_codes": job / "true_model_at_codes"}
+    if not (maps["gap_true_deformations"] / "map_half2.mrc").is_file():
+        backproject_true(data, preset, maps["gap_true_deformations"], batch_size, None, device)
+    backproject_true(data, preset, maps["gap_true_model_at_codes"], batch_size,
+                     motion_from_codes(data, job)[0], device)
+    return {key: compare_with_truth(data, {"rigid": root / "rigid", "deformed": folder,
+                                           "upper": root / "upper"}).scores["moving_gap_closed"]
+            for key, folder in maps.items()}
 
 
 def null_spread(data: Path, folder: Path, shells: range, draws: int = 30) -> dict[int, float]:
@@ -136,13 +156,15 @@ def main(argv=None) -> None:
                         help="also backproject at the motion coordinates the --run's codes "
                              "predict (module docstring)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--gpu-id", default=None, help="GPU to backproject on (default: CPU)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root, data = args.dataset, args.dataset / "data"
     t0 = time.time()
+    device = choose_device(args.gpu_id)
     out = root / "true_deformation"
-    grid = backproject_true(data, args.preset, out, args.batch_size)
+    grid = backproject_true(data, args.preset, out, args.batch_size, None, device)
     seconds = time.time() - t0
     result = {"dataset": str(root), "grid": grid, "seconds": round(seconds, 1)}
     maps = {"true deformations": out}
@@ -152,7 +174,7 @@ def main(argv=None) -> None:
         estimate, result["codes_knn_r2"] = motion_from_codes(data, args.run)
         maps["true model at the codes' motion"] = root / "true_deformation_from_codes"
         backproject_true(data, args.preset, maps["true model at the codes' motion"],
-                         args.batch_size, estimate)
+                         args.batch_size, estimate, device)
     if args.run is not None:
         maps["run"] = args.run / "backprojection"
     for label, folder in maps.items():
