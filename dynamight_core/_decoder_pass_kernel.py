@@ -36,6 +36,7 @@ import logging
 
 import torch
 
+from ._mlp_device_functions import elu, first_layer, product
 from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
@@ -55,17 +56,6 @@ def fused_decoder_pass_usable(term: torch.Tensor, width: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _elu(a):
-        return tl.where(a > 0.0, a, tl.exp(tl.minimum(a, 0.0)) - 1.0)
-
-    @triton.jit
-    def _product(x, weight_t, BF16: tl.constexpr):
-        """``x @ weight_t`` in the pass's precision, float32 result."""
-        if BF16:
-            return tl.dot(x.to(tl.bfloat16), weight_t.to(tl.bfloat16))
-        return tl.dot(x, weight_t, input_precision="ieee")
-
-    @triton.jit
     def _decoder_pass_kernel(pos_ptr, lat_ptr, wh_ptr, bh_ptr, wz_ptr, wo_ptr, bo_ptr,
                              out_ptr, tan_ptr, n_rows, m, d, n_tangent_particles,
                              L: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
@@ -77,11 +67,7 @@ if triton is not None:
         gaussian = rows % m
         cols = tl.arange(0, W)
         ks = tl.arange(0, DP)
-        a = (tl.load(pos_ptr + gaussian[:, None] * W + cols[None, :], mask=row_ok[:, None],
-                     other=0.0).to(tl.float32)
-             + tl.load(lat_ptr + particle[:, None] * W + cols[None, :], mask=row_ok[:, None],
-                       other=0.0).to(tl.float32))  # (R, W)
-        h = _elu(a)
+        h = elu(first_layer(pos_ptr, lat_ptr, particle, gaussian, row_ok, W))  # (R, W)
         slope = tl.minimum(h, 0.0) + 1.0
         wz = tl.load(wz_ptr + ks[:, None] * W + cols[None, :], mask=ks[:, None] < d,
                      other=0.0).to(tl.float32)  # (DP, W): the coordinates' columns of W_z
@@ -91,20 +77,20 @@ if triton is not None:
             wt = tl.load(wh_ptr + layer * W * W + cols[None, :] * W + cols[:, None]).to(
                 tl.float32)
             bias = tl.load(bh_ptr + layer * W + cols).to(tl.float32)
-            a = _product(h, wt, BF16) + bias[None, :]
-            step = _elu(a)
+            a = product(h, wt, BF16) + bias[None, :]
+            step = elu(a)
             slope = tl.minimum(step, 0.0) + 1.0
             h = h + step
-            mixed = _product(tl.reshape(t, (DP * R, W)), wt, BF16)
+            mixed = product(tl.reshape(t, (DP * R, W)), wt, BF16)
             t = t + slope[None, :, :] * tl.reshape(mixed, (DP, R, W))
         outs = tl.arange(0, OP)
         wo = tl.load(wo_ptr + outs[None, :] * W + cols[:, None], mask=outs[None, :] < 3,
                      other=0.0).to(tl.float32)  # (W, OP): W_out transposed, zero-padded
         bo = tl.load(bo_ptr + outs, mask=outs < 3, other=0.0).to(tl.float32)
-        o = _product(h, wo, BF16) + bo[None, :]  # (R, OP)
+        o = product(h, wo, BF16) + bo[None, :]  # (R, OP)
         tl.store(out_ptr + rows[:, None] * 3 + outs[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (outs[None, :] < 3))
-        o = tl.reshape(_product(tl.reshape(t, (DP * R, W)), wo, BF16), (DP, R, OP))
+        o = tl.reshape(product(tl.reshape(t, (DP * R, W)), wo, BF16), (DP, R, OP))
         target = (((particle[None, :, None] * d + ks[:, None, None]) * m
                    + gaussian[None, :, None]) * 3 + outs[None, None, :])
         ok = ((ks[:, None, None] < d) & (row_ok & (particle < n_tangent_particles))[None, :, None]

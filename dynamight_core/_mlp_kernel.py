@@ -44,6 +44,7 @@ import logging
 import torch
 from torch.nn import functional
 
+from ._mlp_device_functions import elu, first_layer, product
 from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
@@ -74,19 +75,8 @@ def _rows(width: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _elu(a):
-        return tl.where(a > 0.0, a, tl.exp(tl.minimum(a, 0.0)) - 1.0)
-
-    @triton.jit
     def _elu_slope(a):
         return tl.where(a > 0.0, 1.0, tl.exp(tl.minimum(a, 0.0)))
-
-    @triton.jit
-    def _product(x, y, BF16: tl.constexpr):
-        """``x @ y`` in the pass's precision, float32 result."""
-        if BF16:
-            return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-        return tl.dot(x, y, input_precision="ieee")
 
     @triton.jit
     def _forward_kernel(pos_ptr, lat_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr, out_ptr, act_ptr,
@@ -98,11 +88,7 @@ if triton is not None:
         particle = rows // m
         gaussian = rows % m
         cols = tl.arange(0, W)
-        a = (tl.load(pos_ptr + gaussian[:, None] * W + cols[None, :], mask=row_ok[:, None],
-                     other=0.0).to(tl.float32)
-             + tl.load(lat_ptr + particle[:, None] * W + cols[None, :], mask=row_ok[:, None],
-                       other=0.0).to(tl.float32))  # (R, W)
-        h = _elu(a)
+        h = elu(first_layer(pos_ptr, lat_ptr, particle, gaussian, row_ok, W))  # (R, W)
         for layer in tl.static_range(L):
             if SAVE:  # the layer's input, for the backward pass
                 tl.store(act_ptr + (layer * n_rows + rows[:, None]) * W + cols[None, :],
@@ -110,12 +96,12 @@ if triton is not None:
             # (i, j) = W_l[j, i]: x @ W_l^T
             wt = tl.load(wh_ptr + layer * W * W + cols[None, :] * W + cols[:, None])
             bias = tl.load(bh_ptr + layer * W + cols)
-            h = h + _elu(_product(h, wt, BF16) + bias[None, :])
+            h = h + elu(product(h, wt, BF16) + bias[None, :])
         outs = tl.arange(0, OP)
         wo = tl.load(wo_ptr + outs[None, :] * W + cols[:, None], mask=outs[None, :] < 3,
                      other=0.0)  # (W, OP): W_out transposed, zero-padded
         bo = tl.load(bo_ptr + outs, mask=outs < 3, other=0.0)
-        o = _product(h, wo, BF16) + bo[None, :]  # (R, OP)
+        o = product(h, wo, BF16) + bo[None, :]  # (R, OP)
         tl.store(out_ptr + rows[:, None] * 3 + outs[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (outs[None, :] < 3))
 
@@ -154,25 +140,25 @@ if triton is not None:
                             mask=ok[:, None], other=0.0).to(tl.float32)
                 wt = tl.load(wh_ptr + (L - 1) * W * W + cols[None, :] * W + cols[:, None])
                 bias = tl.load(bh_ptr + (L - 1) * W + cols)
-                top = h + _elu(_product(h, wt, BF16) + bias[None, :])
+                top = h + elu(product(h, wt, BF16) + bias[None, :])
             else:
-                top = _elu(a0)
-            d_wo += _product(tl.trans(grad), top, BF16)
+                top = elu(a0)
+            d_wo += product(tl.trans(grad), top, BF16)
             d_bo += tl.sum(grad, axis=0)
-            dh = _product(grad, wo, BF16)  # (R, W)
+            dh = product(grad, wo, BF16)  # (R, W)
             for step in tl.static_range(L):
                 layer = L - 1 - step
                 h = tl.load(act_ptr + (layer * n_rows + rows[:, None]) * W + cols[None, :],
                             mask=ok[:, None], other=0.0).to(tl.float32)
                 weight = tl.load(wh_ptr + layer * W * W + cols[:, None] * W + cols[None, :])
                 bias = tl.load(bh_ptr + layer * W + cols)
-                a = _product(h, tl.trans(weight), BF16) + bias[None, :]
+                a = product(h, tl.trans(weight), BF16) + bias[None, :]
                 da = dh * _elu_slope(a)
                 here = dw_slot + layer * W * W + cols[:, None] * W + cols[None, :]
-                tl.store(here, tl.load(here) + _product(tl.trans(da), h, BF16))
+                tl.store(here, tl.load(here) + product(tl.trans(da), h, BF16))
                 tl.store(db_slot + layer * W + cols, tl.load(db_slot + layer * W + cols)
                          + tl.sum(da, axis=0))
-                dh = dh + _product(da, weight, BF16)
+                dh = dh + product(da, weight, BF16)
             da0 = dh * _elu_slope(a0)
             d_position += da0
             tl.store(dlat_ptr + (block.to(tl.int64) * b + particle) * W + cols,
