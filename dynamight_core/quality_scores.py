@@ -70,11 +70,11 @@ def knn_predict(latents: np.ndarray, truth: np.ndarray, k: int = 20, n_folds: in
                 seed: int = 0) -> np.ndarray:  # (n,)
     """Cross-validated k-nearest-neighbour prediction of ``truth (n,)`` from ``latents (n, d)``:
     each particle's value is the mean of its ``k`` nearest neighbours' in the other folds."""
-    latents = np.asarray(latents, dtype=np.float64).reshape(len(truth), -1)
     truth = np.asarray(truth, dtype=np.float64)
     n = truth.shape[0]
-    if n < n_folds * 2:
+    if n < n_folds * 2:  # before the reshape, whose error would not say this
         raise ValueError(f"need at least {2 * n_folds} particles, got {n}")
+    latents = np.asarray(latents, dtype=np.float64).reshape(n, -1)
     folds = np.random.default_rng(seed).permutation(n) % n_folds
     predicted = np.empty(n)
     for f in range(n_folds):

@@ -32,6 +32,14 @@ def test_knn_r2_is_cross_validated():
     assert knn_r2(rng.normal(size=(500, 3)), t, k=1) < 0.1
 
 
+def test_knn_r2_of_too_few_particles_says_so():
+    """Fewer particles than two per fold (a half set without validation particles, say) is a
+    clear error, not a failed reshape."""
+    for n in (0, 9):
+        with pytest.raises(ValueError, match="need at least 10 particles"):
+            knn_r2(np.zeros((n, 2)), np.zeros(n))
+
+
 def test_gap_closed():
     assert gap_closed(0.8, 0.6, 1.0) == pytest.approx(0.5)
     assert gap_closed(0.6, 0.6, 1.0) == 0.0
