@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         print("# no sweep: the training kernels do not run here")
     elif args.sweep:
         print("sweep of the training kernels: rows warps ms/batch")
-        for rows in (32, 64, 128):
+        for rows in (16, 32, 64, 128):
             for warps in (2, 4, 8):
                 _mlp_kernel._ROWS, _mlp_kernel._WARPS = rows, warps
                 ms, _, _ = _time(passes["train"], device, args.repeats)
                 print(f"  {rows:4d} {warps:5d} {ms:9.2f}", flush=True)
-        _mlp_kernel._ROWS, _mlp_kernel._WARPS = None, 4
+        _mlp_kernel._ROWS, _mlp_kernel._WARPS = None, None
 
 
 if __name__ == "__main__":

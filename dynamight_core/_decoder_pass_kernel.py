@@ -98,6 +98,16 @@ if triton is not None:
         tl.store(tan_ptr + target, o.to(tan_ptr.dtype.element_ty), mask=ok)
 
 
+def _rows(dp: int, width: int, dtype: torch.dtype) -> int:
+    """Rows per program: about 8,192 tangent values in registers in bfloat16, as the tangent
+    kernel; float32 products need more registers, so 2,048 there (``ptxas -v`` for sm_90a: no
+    spills at 2 or 8 latent dimensions, against 0.5-3.5 KB with 8,192;
+    ``tests/test_kernels_compile.py``). Triton's interpreter (tests) costs per program, so it
+    takes the larger blocks."""
+    budget = 8192 if dtype == torch.bfloat16 or interpreting() else 2048
+    return max(16, min(128, budget // (dp * width)))
+
+
 def decoder_pass(
     position_term: torch.Tensor,  # (m, w) W_pos·PE(x) + b
     latent_term: torch.Tensor,  # (b, w) W_z·z
@@ -130,8 +140,7 @@ def decoder_pass(
         wo = output_weight.detach().float().contiguous()
         bo = output_bias.detach().float().contiguous()
         dp = max(2, triton.next_power_of_2(k))
-        # rows per program: about 8,192 tangent values in registers, as the tangent kernel
-        rows = max(16, min(128, 8192 // (dp * w)))
+        rows = _rows(dp, w, dtype)
         grid = (triton.cdiv(n_rows, rows),)
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():

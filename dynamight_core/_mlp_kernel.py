@@ -50,8 +50,8 @@ from ._triton_support import interpreting, kernel_may_run, record_failure, tl, t
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
 _PROGRAMS = 1024  # backward: about this many programs (Gaussian blocks × particle runs)
-_ROWS: int | None = None  # rows (Gaussians) per program; None: by width (benchmarks sweep it)
-_WARPS = 4  # warps per program of both kernels
+_ROWS: int | None = None  # rows (Gaussians) per program; None: _config's (benchmarks sweep it)
+_WARPS: int | None = None  # warps per program of both kernels; None: _config's
 
 
 def fused_mlp_usable(position_term: torch.Tensor, width: int,
@@ -65,11 +65,17 @@ def fused_mlp_usable(position_term: torch.Tensor, width: int,
             and position_term.dtype in (torch.float32, torch.bfloat16))
 
 
-def _rows(width: int) -> int:
-    """Rows (or Gaussians) per program: a few thousand values per register tile."""
-    if _ROWS is not None:
-        return _ROWS
-    return 64 if width <= 32 else 32
+def _config(width: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Rows (or Gaussians) per program and warps per program. Chosen from ``ptxas -v`` for an
+    H100 (sm_90a, Triton 3.9, no GPU needed; ``benchmarks/RESULTS.md``): the backward kernel
+    at 8 layers of 32 spills no registers with 64 rows and 8 warps in bfloat16, while float32
+    products need far more registers (45 KB of spills at 64 rows and 4 warps, 136 bytes at
+    16). Speed on a GPU: ``benchmarks/bench_decoder.py --sweep``."""
+    if dtype == torch.bfloat16 or interpreting():  # the interpreter's cost is per program
+        rows, warps = (64 if width <= 32 else 32), 8
+    else:
+        rows, warps = 16, 4
+    return (rows if _ROWS is None else _ROWS), (warps if _WARPS is None else _WARPS)
 
 
 if triton is not None:
@@ -202,14 +208,14 @@ class _FusedMLP(torch.autograd.Function):
         parameters = (weights.float().contiguous(), biases.float().contiguous(),
                       output_weight.float().contiguous(), output_bias.float().contiguous())
         if b * m:
-            rows = _rows(w)
+            rows, warps = _config(w, dtype)
             dummy = parameters[3]  # the pointer of an empty tensor: never read
             with _device(position_term):
                 _forward_kernel[(triton.cdiv(b * m, rows),)](
                     *terms, *(t if t.numel() else dummy for t in parameters[:2]),
                     *parameters[2:], out, activations if activations.numel() else out,
                     b * m, m, L=n_layers, W=w, R=rows, OP=16, BF16=_bf16(dtype), SAVE=save,
-                    num_warps=_WARPS)
+                    num_warps=warps)
         if save:
             ctx.save_for_backward(*terms, *parameters, activations)
         return out
@@ -238,7 +244,7 @@ def _backward(position_term, latent_term, weights, biases, wo, grad, activations
     m, w = position_term.shape
     b, n_layers = latent_term.shape[0], weights.shape[0]
     device = position_term.device
-    rows, op = _rows(w), 16
+    (rows, warps), op = _config(w, position_term.dtype), 16
     blocks = triton.cdiv(m, rows)
     # about _PROGRAMS programs, their partial sums of the weights' gradients within 64 MB
     programs = min(_PROGRAMS, max(1, (1 << 24) // max(1, n_layers * w * w)))
@@ -259,7 +265,7 @@ def _backward(position_term, latent_term, weights, biases, wo, grad, activations
         _backward_kernel[(blocks, chunks)](
             position_term, latent_term, *layer_tensors[:2], wo, grad, layer_tensors[2],
             d_position, d_latent, *layer_tensors[3:], d_wo, d_bo, m, b, run, L=n_layers, W=w,
-            R=rows, OP=op, BF16=_bf16(position_term.dtype), num_warps=_WARPS)
+            R=rows, OP=op, BF16=_bf16(position_term.dtype), num_warps=warps)
     return (d_position.sum(0).to(position_term.dtype), d_latent.sum(0).to(latent_term.dtype),
             d_weights.sum(0), d_biases.sum(0), d_wo.sum(0)[:3], d_bo.sum(0)[:3])
 

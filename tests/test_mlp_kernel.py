@@ -59,10 +59,12 @@ CHECK = textwrap.dedent("""
     precisions = [(torch.float32, 3e-4)]
     if device.type == "cuda":  # the interpreter computes bfloat16 products wrongly
         precisions.append((torch.bfloat16, 3e-2))
-    # latent dims, hidden layers, width, Gaussians, codes, programs of the backward pass
+    # latent dims, hidden layers, width, Gaussians, codes, programs of the backward pass (about:
+    # 1024, one particle per program; 4, in the interpreter's 2 blocks of 64 Gaussians, runs of
+    # 3 and 2 particles; 1, all 3 particles in one run)
     for d, layers, width, m, b, programs in ((6, 8, 32, 300, 3, 1024), (2, 2, 32, 100, 5, 4),
-                                             (1, 0, 16, 70, 2, 1024), (3, 1, 64, 33, 1, 1)):
-        kernel._PROGRAMS = programs  # 4: runs of 3 and 2 particles; 1: all in one run
+                                             (1, 0, 16, 70, 2, 1024), (3, 1, 64, 33, 3, 1)):
+        kernel._PROGRAMS = programs
         net = LatentConditionedMLP(64, 1.5, d, width, layers, 10)
         for parameter in net.parameters():  # every term counts (the output layer starts at 0)
             torch.nn.init.normal_(parameter, std=0.3)

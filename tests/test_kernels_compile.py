@@ -1,0 +1,137 @@
+"""The decoder's GPU kernels compile for an H100 (sm_90) without a GPU, and in the configurations
+the code launches them with they keep every value in registers.
+
+Triton's CPU interpreter (the other kernel tests) runs a kernel's Python semantics. It does not
+show what only the GPU compiler sees: unsupported operations, type and layout errors, or
+register spills that would make a correct kernel slow. Triton's NVIDIA backend, which comes
+with the Triton wheel together with its ``ptxas``, compiles the kernels to a cubin here for
+``GPUTarget("cuda", 90, 32)``. ``ptxas -v`` then reports each kernel's registers and spills.
+Checked for both training kernels of :mod:`dynamight_core._mlp_kernel` and the codes step's
+:mod:`dynamight_core._decoder_pass_kernel`, in bfloat16 (the GPU default) and float32:
+
+- each compiles;
+- in bfloat16, at the launch configuration the code picks, no register spills at the reference
+  DynaMight's model size (8 layers of 32) or the command's default (2 layers, 2 latent
+  dimensions).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+from kernel_checks import HAS_TRITON, NO_TRITON
+
+HAS_NVIDIA_BACKEND = HAS_TRITON and importlib.util.find_spec("triton.backends.nvidia") is not None
+pytestmark = [
+    pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON),
+    pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="Triton has no NVIDIA backend here"),
+]
+
+
+def _compile(fn, signature: dict, constants: dict, warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernels are interpreted, not compiled")
+    source = triton.compiler.ASTSource(
+        fn=fn, signature={**signature, **{name: "constexpr" for name in constants}},
+        constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "enable_fp_fusion": True})
+
+
+def _spill_bytes(compiled) -> int:
+    """Spill stores in bytes that ``ptxas -v`` reports for the compiled kernel's PTX (the
+    ``ptxas`` Triton itself uses for sm_90)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        result = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
+                                 os.path.join(folder, "kernel.cubin")],
+                                capture_output=True, text=True, check=True)
+    report = result.stdout + result.stderr
+    match = re.search(r"(\d+) bytes spill stores", report)
+    assert match, report
+    return int(match.group(1))
+
+
+def _term(dtype: torch.dtype) -> str:
+    return "*bf16" if dtype == torch.bfloat16 else "*fp32"
+
+
+def _mlp_forward(layers: int, width: int, dtype: torch.dtype):
+    from dynamight_core import _mlp_kernel as kernel
+
+    rows, warps = kernel._config(width, dtype)
+    term = _term(dtype)
+    return _compile(kernel._forward_kernel,
+                    {"pos_ptr": term, "lat_ptr": term, "wh_ptr": "*fp32", "bh_ptr": "*fp32",
+                     "wo_ptr": "*fp32", "bo_ptr": "*fp32", "out_ptr": term, "act_ptr": term,
+                     "n_rows": "i32", "m": "i32"},
+                    {"L": layers, "W": width, "R": rows, "OP": 16,
+                     "BF16": dtype == torch.bfloat16, "SAVE": True}, warps)
+
+
+def _mlp_backward(layers: int, width: int, dtype: torch.dtype):
+    from dynamight_core import _mlp_kernel as kernel
+
+    rows, warps = kernel._config(width, dtype)
+    term = _term(dtype)
+    sums = {name: "*fp32" for name in ("dpos_ptr", "dlat_ptr", "dw_ptr", "db_ptr", "dwo_ptr",
+                                       "dbo_ptr")}
+    return _compile(kernel._backward_kernel,
+                    {"pos_ptr": term, "lat_ptr": term, "wh_ptr": "*fp32", "bh_ptr": "*fp32",
+                     "wo_ptr": "*fp32", "grad_ptr": term, "act_ptr": term, **sums,
+                     "m": "i32", "b": "i32", "run": "i32"},
+                    {"L": layers, "W": width, "R": rows, "OP": 16,
+                     "BF16": dtype == torch.bfloat16}, warps)
+
+
+def _decoder_pass(layers: int, width: int, dtype: torch.dtype, latent_dim: int = 6):
+    import triton
+
+    from dynamight_core import _decoder_pass_kernel as kernel
+
+    dp = max(2, triton.next_power_of_2(latent_dim))
+    term = _term(dtype)
+    return _compile(kernel._decoder_pass_kernel,
+                    {"pos_ptr": term, "lat_ptr": term, "wh_ptr": "*fp32", "bh_ptr": "*fp32",
+                     "wz_ptr": "*fp32", "wo_ptr": "*fp32", "bo_ptr": "*fp32", "out_ptr": term,
+                     "tan_ptr": term, "n_rows": "i32", "m": "i32", "d": "i32",
+                     "n_tangent_particles": "i32"},
+                    {"L": layers, "W": width, "DP": dp, "R": kernel._rows(dp, width, dtype),
+                     "OP": 16, "BF16": dtype == torch.bfloat16}, 8)
+
+
+KERNELS = {"mlp forward": _mlp_forward, "mlp backward": _mlp_backward,
+           "decoder pass": _decoder_pass}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decoder_kernels_compile_for_sm90(kernel, dtype):
+    """Each kernel compiles to a cubin for an H100 at the reference size (8 layers of 32)."""
+    compiled = KERNELS[kernel](8, 32, dtype)
+    assert compiled.asm.get("cubin"), kernel
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16_launch_configurations_do_not_spill(kernel):
+    """In bfloat16 at the rows and warps the code launches with, no register spills: at the
+    reference size and at the command's defaults (2 layers of 32, 2 latent dimensions)."""
+    build = KERNELS[kernel]
+    reference = build(8, 32, torch.bfloat16)
+    default = (build(2, 32, torch.bfloat16, 2) if kernel == "decoder pass"
+               else build(2, 32, torch.bfloat16))
+    assert _spill_bytes(reference) == 0, kernel
+    assert _spill_bytes(default) == 0, kernel
