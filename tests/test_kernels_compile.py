@@ -7,7 +7,8 @@ register spills that would make a correct kernel slow. Triton's NVIDIA backend, 
 with the Triton wheel together with its ``ptxas``, compiles the kernels to a cubin here for
 ``GPUTarget("cuda", 90, 32)``. ``ptxas -v`` then reports each kernel's registers and spills.
 Checked for both training kernels of :mod:`dynamight_core._mlp_kernel` and the codes step's
-:mod:`dynamight_core._decoder_pass_kernel`, in bfloat16 (the GPU default) and float32:
+:mod:`dynamight_core._decoder_pass_kernel`, in bfloat16 (the GPU default) and float32 (and,
+compilation alone, for the tangent, splat and lookup kernels):
 
 - each compiles;
 - in bfloat16, at the launch configuration the code picks, no register spills at the reference
@@ -117,6 +118,53 @@ KERNELS = {"mlp forward": _mlp_forward, "mlp backward": _mlp_backward,
            "decoder pass": _decoder_pass}
 
 
+def _tangents(dtype: torch.dtype):
+    from dynamight_core import _tangent_kernel as kernel
+
+    term = _term(dtype)
+    return _compile(kernel._tangent_kernel,
+                    {"h0_ptr": term, "steps_ptr": term, "wz_ptr": "*fp32", "wh_ptr": "*fp32",
+                     "wo_ptr": "*fp32", "out_ptr": term, "n_rows": "i32", "m": "i32",
+                     "d": "i32"},
+                    {"L": 8, "W": 32, "DP": 8, "R": 32, "OP": 16,
+                     "BF16": dtype == torch.bfloat16}, 8)
+
+
+def _splat(direction: str, batched_mass: bool):
+    from dynamight_core import _splat_kernel as kernel
+
+    common = {"xy_ptr": "*fp32", "mass_ptr": "*fp32", "cls_ptr": "*i64"}
+    sizes = {"n_pairs": "i32", "n": "i32", "n_classes": "i32", "size": "i32"}
+    if direction == "forward":
+        fn, pointers = kernel._splat_forward, {**common, "grid_ptr": "*fp32"}
+    else:
+        fn, pointers = kernel._splat_backward, {**common, "grad_ptr": "*fp32",
+                                                "grad_xy_ptr": "*fp32",
+                                                "grad_mass_ptr": "*fp32"}
+    return _compile(fn, {**pointers, **sizes},
+                    {"BATCHED_MASS": batched_mass, "BLOCK": kernel._BLOCK}, 4)
+
+
+def _lookup():
+    from dynamight_core import _lookup_kernel as kernel
+
+    return _compile(kernel._lookup_accumulate,
+                    {"image_ptr": "*fp32", "lookup_ptr": "*fp32", "data_ptr": "*fp32",
+                     "n_particles": "i32", "box": "i32", "g": "i32", "size": "i32",
+                     "node_scale": "fp32"}, {"BLOCK": kernel._BLOCK}, 4)
+
+
+OTHER_KERNELS = {
+    "tangents bf16": lambda: _tangents(torch.bfloat16),
+    "tangents fp32": lambda: _tangents(torch.float32),
+    "splat forward": lambda: _splat("forward", False),
+    "splat forward, masses per particle": lambda: _splat("forward", True),
+    "splat backward": lambda: _splat("backward", False),
+    "splat backward, masses per particle": lambda: _splat("backward", True),
+    "backprojection lookup": _lookup,
+}
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decoder_kernels_compile_for_sm90(kernel, dtype):
@@ -135,3 +183,9 @@ def test_bfloat16_launch_configurations_do_not_spill(kernel):
                else build(2, 32, torch.bfloat16))
     assert _spill_bytes(reference) == 0, kernel
     assert _spill_bytes(default) == 0, kernel
+
+
+@pytest.mark.parametrize("kernel", OTHER_KERNELS)
+def test_the_other_kernels_compile_for_sm90(kernel):
+    """The tangent, splat and lookup kernels (run on an H100 before) still compile for it."""
+    assert OTHER_KERNELS[kernel]().asm.get("cubin"), kernel
