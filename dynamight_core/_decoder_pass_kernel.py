@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from ._mlp_device_functions import elu, first_layer, product
+from ._mlp_device_functions import elu, first_layer, product, row_block
 from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,7 @@ if triton is not None:
                              out_ptr, tan_ptr, n_rows, m, d, n_tangent_particles,
                              L: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
                              R: tl.constexpr, OP: tl.constexpr, BF16: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)  # (R,)
-        row_ok = rows < n_rows
-        particle = rows // m
-        gaussian = rows % m
+        rows, row_ok, particle, gaussian = row_block(n_rows, m, R)  # (R,) each
         cols = tl.arange(0, W)
         ks = tl.arange(0, DP)
         h = elu(first_layer(pos_ptr, lat_ptr, particle, gaussian, row_ok, W))  # (R, W)

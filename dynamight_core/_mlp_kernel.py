@@ -44,7 +44,7 @@ import logging
 import torch
 from torch.nn import functional
 
-from ._mlp_device_functions import elu, first_layer, product
+from ._mlp_device_functions import elu, first_layer, product, row_block
 from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,7 @@ if triton is not None:
     def _forward_kernel(pos_ptr, lat_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr, out_ptr, act_ptr,
                         n_rows, m, L: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
                         OP: tl.constexpr, BF16: tl.constexpr, SAVE: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)  # (R,)
-        row_ok = rows < n_rows
-        particle = rows // m
-        gaussian = rows % m
+        rows, row_ok, particle, gaussian = row_block(n_rows, m, R)  # (R,) each
         cols = tl.arange(0, W)
         h = elu(first_layer(pos_ptr, lat_ptr, particle, gaussian, row_ok, W))  # (R, W)
         for layer in tl.static_range(L):
