@@ -243,8 +243,8 @@ def _backward(position_term, latent_term, weights, biases, wo, grad, activations
     (rows, warps), op = _config(w, position_term.dtype), 16
     blocks = triton.cdiv(m, rows)
     # about _PROGRAMS programs, their partial sums of the weights' gradients within 64 MB
-    programs = min(_PROGRAMS, max(1, (1 << 24) // max(1, n_layers * w * w)))
-    run = triton.cdiv(b, min(b, max(1, triton.cdiv(programs, blocks))))
+    wanted = min(_PROGRAMS, max(1, (1 << 24) // max(1, n_layers * w * w)))
+    run = triton.cdiv(b, min(b, max(1, triton.cdiv(wanted, blocks))))
     chunks = triton.cdiv(b, run)
     programs = blocks * chunks
     f32 = {"dtype": torch.float32, "device": device}
