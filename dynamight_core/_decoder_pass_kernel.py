@@ -31,13 +31,19 @@ the CPU (tests).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
 from ._mlp_device_functions import elu, first_layer, product, row_block
-from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
+from ._triton_support import (
+    interpreting,
+    kernel_may_run,
+    launch_device,
+    record_failure,
+    tl,
+    triton,
+)
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -139,7 +145,7 @@ def decoder_pass(
         rows = _rows(dp, w, dtype)
         grid = (triton.cdiv(n_rows, rows),)
         try:
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            with launch_device(device):
                 _decoder_pass_kernel[grid](
                     position_term, latent_term, weights, biases, wz, wo, bo, out, tangents,
                     n_rows, m, k, tangent_rows, L=len(hidden), W=w, DP=dp, R=rows, OP=16,

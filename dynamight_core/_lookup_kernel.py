@@ -27,12 +27,11 @@ is logged once and the torch code runs from then on. ``TRITON_INTERPRET=1`` runs
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
-from ._triton_support import kernel_may_run, record_failure, tl, triton
+from ._triton_support import kernel_may_run, launch_device, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -139,7 +138,7 @@ def lookup_accumulate_fused(
         # trilinear interpolation commutes with, so it is applied to the coarse nodes
         pixels = ((lookup.to(torch.float32) + 1.0) * (0.5 * (size - 1))).contiguous()
         node_scale = (g - 1) / max(box - 1, 1)
-        with torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext():
+        with launch_device(data.device):
             _lookup_accumulate[(triton.cdiv(box**3, _BLOCK),)](
                 images.contiguous(), pixels, data, b, box, g, size, node_scale, BLOCK=_BLOCK)
         return True

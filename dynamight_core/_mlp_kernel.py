@@ -30,22 +30,29 @@ Precision: as the torch code under the decoder's autocast: products with bfloat1
 saved ``h_l`` in the pass's dtype (bfloat16 under autocast: the operand the product used).
 
 Used when Triton imports, the tensors are on a CUDA device, the position term is shared by all
-codes (``(m, w)``), the layer width is 16, 32 or 64 and ``DYNAMIGHT_FUSED_MLP`` is not ``0``; otherwise the torch code runs. If the forward kernel cannot be built or launched,
-a warning is logged once and the torch code runs from then on; if the backward kernel cannot,
-that backward pass is computed by torch autograd from the saved inputs.
+codes (``(m, w)``), the layer width is 16, 32 or 64 and ``DYNAMIGHT_FUSED_MLP`` is not ``0``;
+otherwise the torch code runs. If the forward kernel cannot be built or launched, a warning is
+logged once and the torch code runs from then on; if the backward kernel cannot, that backward
+pass is computed by torch autograd from the saved inputs.
 ``TRITON_INTERPRET=1`` runs both on the CPU (tests).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 from torch.nn import functional
 
 from ._mlp_device_functions import elu, first_layer, product, row_block
-from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
+from ._triton_support import (
+    interpreting,
+    kernel_may_run,
+    launch_device,
+    record_failure,
+    tl,
+    triton,
+)
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -172,10 +179,6 @@ if triton is not None:
         tl.store(dbo_ptr + program.to(tl.int64) * OP + outs, d_bo)
 
 
-def _device(tensor: torch.Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _bf16(dtype: torch.dtype) -> bool:
     # Triton's CPU interpreter gets bfloat16 products wrong: float32 there
     return dtype == torch.bfloat16 and not interpreting()
@@ -206,7 +209,7 @@ class _FusedMLP(torch.autograd.Function):
         if b * m:
             rows, warps = _config(w, dtype)
             dummy = parameters[3]  # the pointer of an empty tensor: never read
-            with _device(position_term):
+            with launch_device(position_term.device):
                 _forward_kernel[(triton.cdiv(b * m, rows),)](
                     *terms, *(t if t.numel() else dummy for t in parameters[:2]),
                     *parameters[2:], out, activations if activations.numel() else out,
@@ -257,7 +260,7 @@ def _backward(position_term, latent_term, weights, biases, wo, grad, activations
     dummy = d_bo  # the pointer of an empty tensor: never read or written
     layer_tensors = [t if t.numel() else dummy for t in
                      (weights, biases, activations, d_weights, d_biases)]
-    with _device(position_term):
+    with launch_device(position_term.device):
         _backward_kernel[(blocks, chunks)](
             position_term, latent_term, *layer_tensors[:2], wo, grad, layer_tensors[2],
             d_position, d_latent, *layer_tensors[3:], d_wo, d_bo, m, b, run, L=n_layers, W=w,

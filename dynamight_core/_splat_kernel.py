@@ -24,12 +24,11 @@ is logged once and the torch code runs from then on. ``TRITON_INTERPRET=1`` runs
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
-from ._triton_support import kernel_may_run, record_failure, tl, triton
+from ._triton_support import kernel_may_run, launch_device, record_failure, tl, triton
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -109,7 +108,7 @@ if triton is not None:
 def _launch(kernel, n_pairs: int, device: torch.device, *args) -> None:
     grid = (triton.cdiv(n_pairs, _BLOCK),)
     # Triton launches on the current CUDA device: make it the tensors' one
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with launch_device(device):
         kernel[grid](*args, BLOCK=_BLOCK)
 
 

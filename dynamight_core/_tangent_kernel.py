@@ -24,12 +24,18 @@ the CPU (tests).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
-from ._triton_support import interpreting, kernel_may_run, record_failure, tl, triton
+from ._triton_support import (
+    interpreting,
+    kernel_may_run,
+    launch_device,
+    record_failure,
+    tl,
+    triton,
+)
 
 logger = logging.getLogger(__name__)
 _FAILED: list[str] = []  # the first failure's message: the kernel is not tried again
@@ -120,7 +126,7 @@ def latent_tangents(
         grid = (triton.cdiv(n_rows, rows),)
         # Triton launches on the current CUDA device: make it the tensors' one
         try:
-            with torch.cuda.device(h0.device) if h0.is_cuda else contextlib.nullcontext():
+            with launch_device(h0.device):
                 _tangent_kernel[grid](h0, stacked, wz, weights, wo, out, n_rows, m, d,
                                       L=len(steps), W=w, DP=dp, R=rows, OP=16,
                                       # Triton's CPU interpreter gets bfloat16 products wrong

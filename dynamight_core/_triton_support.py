@@ -4,8 +4,11 @@ does not (then ``triton`` and ``tl`` are None and the kernels' torch code runs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+
+import torch
 
 try:  # optional
     import triton
@@ -38,4 +41,10 @@ def record_failure(failures: list[str], error: Exception, kernel: str,
                    failures[0].splitlines()[0])
 
 
-__all__ = ["interpreting", "kernel_may_run", "record_failure", "tl", "triton"]
+def launch_device(device: torch.device):
+    """Context in which a kernel launches on ``device``: Triton launches on the current CUDA
+    device, so a CUDA tensor's own one is made current (nothing for the interpreter's CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+__all__ = ["interpreting", "kernel_may_run", "launch_device", "record_failure", "tl", "triton"]
