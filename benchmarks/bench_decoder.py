@@ -7,11 +7,12 @@ particles/s of
   (``forward_with_tangents``; :mod:`dynamight_core._decoder_pass_kernel` on CUDA,
   ``DYNAMIGHT_FUSED_DECODER_PASS=0``: torch code and the tangent kernel),
 
-each with the fused kernels and with the torch code, in the decoder's precision (the command's
-``auto``: bfloat16 autocast where the hardware computes it natively), and how far the two agree at this
-size (largest difference of the displacements and of the parameters' gradients, relative to
-the largest value). ``--sweep`` also times the training pass's kernels with other rows per
-program and warps (``_mlp_kernel._ROWS``, ``_WARPS``), to choose them on a new GPU.
+each with the fused kernels and with the torch code, in the decoder's precision (the
+command's ``auto``: bfloat16 autocast where the hardware computes it natively), and how far the
+two agree at this size (largest difference of the displacements and of the parameters'
+gradients, relative to the largest value). ``--sweep`` also times the training pass's
+kernels with other rows per program and warps (``_mlp_kernel._ROWS``, ``_WARPS``), to choose
+them on a new GPU.
 
 The decoder has random weights (its output layer too, so that every term counts), the
 reference DynaMight's size by default: 30,000 Gaussians, 8 hidden layers of 32, 6 latent
