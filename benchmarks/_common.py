@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from dynamight_core.particles import CTFParams
@@ -64,12 +65,18 @@ def batches_of(particles, indices, batch_size: int, device: torch.device):
         yield make_batch(particles, indices[start:start + batch_size], device)
 
 
+def true_motion(dataset: Path) -> np.ndarray:  # (n,) in the particles' order
+    """The motion coordinate of every particle of a ``dynamight simulate`` folder."""
+    import starfile
+
+    table = starfile.read(dataset / "ground_truth" / "motion.star", always_dict=True)
+    return table["particles"]["dmMotion"].to_numpy()
+
+
 def start_training(dataset: Path, command_args: list[str], device: torch.device):
     """``optimize-deformations`` set up on a ``dynamight simulate`` folder exactly as the
     command sets it up (its parser, so its defaults; ``command_args`` are its options), up to
     the start of training: ``(options, particles, true motion per particle, training)``."""
-    import starfile
-
     from dynamight_core.deformation_training import DeformationTraining
     from relion_external.commands import optimize_deformations as command
     from relion_external.particles_adapter import load_particle_set
@@ -82,8 +89,7 @@ def start_training(dataset: Path, command_args: list[str], device: torch.device)
         "--output-directory", "/nonexistent", *command_args])
     particles, _ = load_particle_set(opts.refinement_star_file, preload=True,
                                      project_dir=opts.project_directory)
-    truth = starfile.read(dataset / "ground_truth" / "motion.star")
-    motion = (truth["particles"] if isinstance(truth, dict) else truth)["dmMotion"].to_numpy()
+    motion = true_motion(dataset)
     training = DeformationTraining(particles, device, command._schedule(opts),
                                    command._settings(opts))
     gaussians, movable = command._initial_gaussians(opts, particles)

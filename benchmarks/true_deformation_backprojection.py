@@ -45,6 +45,9 @@ import starfile
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
+
+from _common import true_motion
 
 from dynamight_core.deformed_backprojection import DeformedBackprojector, choose_grid_size
 from dynamight_core.device import choose_device
@@ -58,11 +61,6 @@ from relion_external.truth_comparison import compare_with_truth
 
 KEYS = ("moving_gap_closed", "moving_area_deformed", "static_area_change",
         "half_map_resolution_deformed", "claim_excess_deformed", "claim_excess_upper")
-
-
-def true_motion(data: Path) -> np.ndarray:  # (n,) in the particles' order
-    return starfile.read(data / "ground_truth" / "motion.star",
-                         always_dict=True)["particles"]["dmMotion"].to_numpy()
 
 
 def motion_from_codes(data: Path, run: Path) -> tuple[np.ndarray, dict[int, float]]:
