@@ -7,6 +7,11 @@ interpreter is chosen by ``TRITON_INTERPRET=1`` when a kernel is defined, so eve
 a subprocess (:func:`run_check`) with its own environment.
 
 - :data:`HAS_TRITON`, :data:`NO_TRITON`: whether Triton imports, and the skip reason if not.
+- :data:`TRITON_VERSION`, :data:`OLD_INTERPRETER`, :data:`OLD_INTERPRETER_REASON`: Triton's
+  (major, minor) version, and whether its interpreter is one that cannot run the kernels whose
+  loop bound comes from the program id (the MLP backward and the lookup kernel). Measured:
+  3.6.0 (the lent GPU machines' version) fails there, 3.9.0 runs them; the compiled kernels are
+  not affected (the lookup kernel passed its GPU test under 3.6.0).
 - :func:`skip_if_interpreting`: the CPU path's tests skip where the interpreter is on.
 - :func:`run_check` runs a check script in a subprocess, one kernel switched on and the other
   kernels off (each test file checks one kernel alone), and returns its output.
@@ -29,6 +34,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_TRITON = "Triton is not installed (CUDA builds of torch bring it; the CPU wheel does not)"
+
+
+def _triton_version() -> tuple[int, int]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version("triton").split(".")[:2]
+        return int(major), int(minor)
+    except (PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+TRITON_VERSION = _triton_version()
+OLD_INTERPRETER = HAS_TRITON and TRITON_VERSION < (3, 9)
+OLD_INTERPRETER_REASON = (
+    f"Triton {TRITON_VERSION[0]}.{TRITON_VERSION[1]}'s CPU interpreter cannot run a loop whose "
+    "bound is computed from the program id (3.6.0: TypeError 'only 0-dimensional arrays can be "
+    "converted to Python scalars'); 3.9 can, and the compiled kernels are not affected")
 # each kernel's switch (the environment variable that selects the torch code with "0")
 SWITCHES = {"tangent": "DYNAMIGHT_FUSED_TANGENTS", "splat": "DYNAMIGHT_FUSED_SPLAT",
             "lookup": "DYNAMIGHT_FUSED_LOOKUP", "decoder_pass": "DYNAMIGHT_FUSED_DECODER_PASS",

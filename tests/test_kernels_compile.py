@@ -26,7 +26,7 @@ import tempfile
 
 import pytest
 import torch
-from kernel_checks import HAS_TRITON, NO_TRITON
+from kernel_checks import HAS_TRITON, NO_TRITON, TRITON_VERSION
 
 HAS_NVIDIA_BACKEND = HAS_TRITON and importlib.util.find_spec("triton.backends.nvidia") is not None
 pytestmark = [
@@ -173,16 +173,29 @@ def test_decoder_kernels_compile_for_sm90(kernel, dtype):
     assert compiled.asm.get("cubin"), kernel
 
 
+# Spill stores (bytes) the bfloat16 launch configurations may have, at the reference size and
+# the command's defaults, per Triton (major, minor): the compiler's register allocation
+# differs between versions. 3.9.0 (the configurations were chosen with it) spills nothing;
+# 3.6.0 (the lent GPU machines') spills 40 / 16 bytes in the MLP backward at the same
+# configuration, the least of the larger blocks there too (benchmarks/RESULTS.md).
+SPILLS_ALLOWED = {(3, 9): {}, (3, 6): {"mlp backward": (40, 16)}}
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bfloat16_launch_configurations_do_not_spill(kernel):
-    """In bfloat16 at the rows and warps the code launches with, no register spills: at the
-    reference size and at the command's defaults (2 layers of 32, 2 latent dimensions)."""
+    """In bfloat16 at the rows and warps the code launches with, no register spills (beyond
+    what :data:`SPILLS_ALLOWED` records for this Triton): at the reference size and at the
+    command's defaults (2 layers of 32, 2 latent dimensions)."""
+    version = min(TRITON_VERSION, (3, 9))
+    if version not in SPILLS_ALLOWED:
+        pytest.skip(f"spills not measured for Triton {version[0]}.{version[1]}")
+    allowed = SPILLS_ALLOWED[version].get(kernel, (0, 0))
     build = KERNELS[kernel]
     reference = build(8, 32, torch.bfloat16)
     default = (build(2, 32, torch.bfloat16, 2) if kernel == "decoder pass"
                else build(2, 32, torch.bfloat16))
-    assert _spill_bytes(reference) == 0, kernel
-    assert _spill_bytes(default) == 0, kernel
+    assert _spill_bytes(reference) <= allowed[0], kernel
+    assert _spill_bytes(default) <= allowed[1], kernel
 
 
 @pytest.mark.parametrize("kernel", OTHER_KERNELS)

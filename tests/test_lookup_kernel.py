@@ -18,7 +18,14 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import HAS_TRITON, NO_TRITON, run_check, skip_if_interpreting
+from kernel_checks import (
+    HAS_TRITON,
+    NO_TRITON,
+    OLD_INTERPRETER,
+    OLD_INTERPRETER_REASON,
+    run_check,
+    skip_if_interpreting,
+)
 
 from dynamight_core._lookup_kernel import fused_lookup_usable
 
@@ -85,6 +92,7 @@ def test_cpu_tensors_use_the_torch_code():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+@pytest.mark.skipif(OLD_INTERPRETER, reason=OLD_INTERPRETER_REASON)
 def test_kernel_in_triton_interpreter_matches_the_torch_lookup():
     """The kernel, run by Triton's CPU interpreter, against the torch code's sums."""
     assert "match the torch code" in run_check("lookup", CHECK, "cpu", interpret=True)

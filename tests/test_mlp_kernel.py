@@ -21,6 +21,8 @@ import torch
 from kernel_checks import (
     HAS_TRITON,
     NO_TRITON,
+    OLD_INTERPRETER,
+    OLD_INTERPRETER_REASON,
     run_check,
     skip_if_interpreting,
     training_comparison,
@@ -157,6 +159,7 @@ def test_cpu_tensors_use_the_torch_code():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+@pytest.mark.skipif(OLD_INTERPRETER, reason=OLD_INTERPRETER_REASON)
 def test_kernels_in_triton_interpreter_match_autograd():
     """The kernels, run by Triton's CPU interpreter, against float64 autograd and the torch
     code (float32; the interpreter gets bfloat16 products wrong, so they are checked on a
@@ -165,6 +168,7 @@ def test_kernels_in_triton_interpreter_match_autograd():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+@pytest.mark.skipif(OLD_INTERPRETER, reason=OLD_INTERPRETER_REASON)
 def test_training_with_the_kernels_matches_the_torch_code():
     """A joint epoch of a half-set trainer (float32 decoder, 3 latent dimensions), the decoder's
     training passes from the kernels (Triton's interpreter) and from the torch code: codes,
