@@ -56,16 +56,22 @@ def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
 
 def resolve_decoder_precision(choice: str, device: torch.device) -> str:
     """``float32`` or ``bfloat16`` for the deformation decoder. ``auto`` picks bfloat16 where
-    the hardware computes it natively (CUDA GPUs with bf16 support, CPUs with AVX512-BF16 or
-    AMX): measured 1.6× faster training at box 64 on such a CPU (decoder 0.84 -> 0.50 s per
-    100 particles, 10,000 Gaussians), with displacements within about 1% of float32."""
+    the hardware computes it natively (NVIDIA GPUs of compute capability 8.0 or later, AMD GPUs,
+    CPUs with AVX512-BF16 or AMX): measured 1.6× faster training at box 64 on such a CPU
+    (decoder 0.84 -> 0.50 s per 100 particles, 10,000 Gaussians), with displacements within
+    about 1% of float32. Older NVIDIA GPUs (V100, T4, RTX 20xx) only emulate bfloat16, which
+    ``torch.cuda.is_bf16_supported()`` counts as support; they get float32. The capability is
+    the one of ``device``'s own GPU, not of the current one."""
     if choice not in DECODER_PRECISIONS:
         raise ValueError(f"decoder precision must be one of {DECODER_PRECISIONS}, got {choice!r}")
     if choice != "auto":
         return choice
     device = torch.device(device)
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        if torch.version.hip:
+            return "bfloat16"
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+        return "bfloat16" if native else "float32"
     return "bfloat16" if cpu_has_native_bfloat16() else "float32"
 
 

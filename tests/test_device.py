@@ -35,6 +35,28 @@ def test_explicit_precisions_are_kept_and_bad_ones_rejected():
         resolve_decoder_precision("half", cpu)
 
 
+@pytest.mark.parametrize(("capability", "expected"), [
+    ((7, 0), "float32"), ((7, 5), "float32"),  # V100, T4 / RTX 20xx: bfloat16 emulated only
+    ((8, 0), "bfloat16"), ((8, 6), "bfloat16"), ((8, 9), "bfloat16"), ((9, 0), "bfloat16")])
+def test_auto_precision_on_a_gpu_follows_its_compute_capability(monkeypatch, capability,
+                                                                expected):
+    """``auto`` asks the capability of the run's own GPU (here ``cuda:1``), not whether bfloat16
+    tensors can be made (``torch.cuda.is_bf16_supported`` says yes on a V100 or T4, whose
+    bfloat16 is emulated and slower than float32)."""
+    asked = []
+
+    def capability_of(device=None):
+        asked.append(torch.device(device))
+        return capability
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_decoder_precision("auto", torch.device("cuda:1")) == expected
+    assert asked == [torch.device("cuda:1")]
+    assert resolve_decoder_precision("float32", torch.device("cuda:1")) == "float32"
+
+
 def _adam_steps(device: str, fused_expected: bool, state: dict | None = None):
     generator = torch.Generator().manual_seed(0)  # the same start on every device
     params = [torch.randn(40, 3, generator=generator).to(device).requires_grad_(),
