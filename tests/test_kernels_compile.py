@@ -10,7 +10,8 @@ Checked for both training kernels of :mod:`dynamight_core._mlp_kernel` and the c
 :mod:`dynamight_core._decoder_pass_kernel`, in bfloat16 (the GPU default) and float32 (and,
 compilation alone, for the tangent, splat and lookup kernels):
 
-- each compiles;
+- each compiles (the decoder kernels also for sm_75 in float32 and sm_80 / sm_86 in bfloat16,
+  the precision ``--decoder-precision auto`` gives each, within 48 KB of shared memory);
 - in bfloat16, at the launch configuration the code picks, no register spills at the reference
   DynaMight's model size (8 layers of 32) or the command's default (2 layers, 2 latent
   dimensions).
@@ -22,6 +23,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -35,6 +37,9 @@ pytestmark = [
 ]
 
 
+ARCH = 90  # the compute capability compiled for (sm_90: H100, H200)
+
+
 def _compile(fn, signature: dict, constants: dict, warps: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -44,7 +49,7 @@ def _compile(fn, signature: dict, constants: dict, warps: int):
     source = triton.compiler.ASTSource(
         fn=fn, signature={**signature, **{name: "constexpr" for name in constants}},
         constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+    return triton.compile(source, target=GPUTarget("cuda", ARCH, 32),
                           options={"num_warps": warps, "enable_fp_fusion": True})
 
 
@@ -196,6 +201,22 @@ def test_bfloat16_launch_configurations_do_not_spill(kernel):
                else build(2, 32, torch.bfloat16))
     assert _spill_bytes(reference) <= allowed[0], kernel
     assert _spill_bytes(default) <= allowed[1], kernel
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [
+    (75, torch.float32),  # T4, RTX 20xx: --decoder-precision auto gives float32 there
+    (80, torch.bfloat16), (86, torch.bfloat16)],  # A100; RTX 30xx (RTX 40xx, sm_89, alike)
+    ids=["sm75-fp32", "sm80-bf16", "sm86-bf16"])
+def test_decoder_kernels_compile_for_other_gpus(monkeypatch, arch, dtype):
+    """The three decoder kernels compile for the GPUs of workstations and older clusters too,
+    in the precision the command picks on each (8 layers of 32), and each block needs no more
+    shared memory than every CUDA GPU gives a block without opting in (48 KB; measured 4-36
+    KB)."""
+    monkeypatch.setattr(sys.modules[__name__], "ARCH", arch)
+    for name, build in KERNELS.items():
+        compiled = build(8, 32, dtype)
+        assert compiled.asm.get("cubin"), (name, arch)
+        assert compiled.metadata.shared <= 48 * 1024, (name, arch, compiled.metadata.shared)
 
 
 @pytest.mark.parametrize("kernel", OTHER_KERNELS)
