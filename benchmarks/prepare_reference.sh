@@ -3,7 +3,7 @@
 # for a GPU machine without a package index, as ../shared/device/prepare.sh does for the
 # project: the reference's `dynamight` package into .reference_dynamight/ (its commit in
 # .reference_dynamight/COMMIT) and the wheels it needs beyond what the project carries into
-# .whl/reference/ (tqdm, typer and what typer needs, scikit-learn; not numpy or scipy, which the
+# .whl/reference/ (tqdm, typer, scikit-learn and what they need, checked; not numpy or scipy, which the
 # GPU machines have). Both are git-ignored through .git/info/exclude; carry both.
 #
 #   bash benchmarks/prepare_reference.sh [SOURCE]
@@ -30,6 +30,28 @@ WHEELS=(--only-binary=:all: --python-version 3.12 --implementation cp
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64 --platform any -d .whl/reference)
 python3 -m pip download -q "${WHEELS[@]}" tqdm typer
-python3 -m pip download -q --no-deps "${WHEELS[@]}" scikit-learn joblib threadpoolctl
+python3 -m pip download -q --no-deps "${WHEELS[@]}" scikit-learn joblib threadpoolctl narwhals \
+  cloudpickle
+# every requirement of the carried wheels is carried too, but numpy and scipy (the machines'
+# own) and colorama (Windows only)
+python3 - <<'PY'
+import re, sys, zipfile
+from pathlib import Path
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+wheels = list(Path(".whl/reference").glob("*.whl"))
+have = {norm(w.name.split("-")[0]) for w in wheels} | {"numpy", "scipy", "colorama"}
+missing = set()
+for wheel in wheels:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        for line in z.read(meta).decode().splitlines():
+            if line.startswith("Requires-Dist:") and "extra ==" not in line:
+                name = norm(re.split(r"[ ;<>=!~\[(]", line.split(":", 1)[1].strip())[0])
+                if name not in have:
+                    missing.add(f"{name} (for {wheel.name})")
+if missing:
+    sys.exit("not carried: " + ", ".join(sorted(missing)))
+PY
 du -sh .reference_dynamight .whl/reference
 echo "reference DynaMight $(cat .reference_dynamight/COMMIT)"
