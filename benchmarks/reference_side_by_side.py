@@ -136,6 +136,7 @@ def run_reference(args: argparse.Namespace) -> None:
 
 # -- compare mode ---------------------------------------------------------------------------
 REFERENCE_EPOCH = re.compile(r"Epoch:\s+(\d+)\s+Epoch time:\s+([0-9.eE+-]+)")
+OWN_TRAINING = re.compile(r"(\d+) \+ (\d+) particles, \d+ held out for validation")
 OWN_EPOCH = re.compile(r"epoch (\d+)/\d+ \((warm-up|joint)\):.* ([0-9.]+) particles/s")
 
 
@@ -166,12 +167,11 @@ def joint_speed(epochs: list[tuple[int, float, bool]], n_particles: int, skip: i
     return n_particles / statistics.median(used), len(used)
 
 
-def _count_particles(star: Path) -> tuple[int, int]:
-    """(particles, training particles with the command's 10% validation split) of ``star``."""
+def _count_particles(star: Path) -> int:
+    """Particles in ``star``."""
     import starfile
 
-    n = len(starfile.read(star, always_dict=True)["particles"])
-    return n, n - round(0.1 * n)
+    return len(starfile.read(star, always_dict=True)["particles"])
 
 
 def _run(command: list[str], log: Path, timeout: float | None = None) -> tuple[str, float, bool]:
@@ -197,7 +197,7 @@ def compare(args: argparse.Namespace) -> None:
                               args.preset, "--n-particles", str(args.n_particles),
                               "--box-size", str(args.box_size)], check=True, cwd=REPOSITORY)
     star, initial = data / "particles.star", data / "consensus_map.mrc"
-    n_all, n_train = _count_particles(star)
+    n_all = _count_particles(star)
     model = ["--n-gaussians", str(args.n_gaussians), "--n-latent-dimensions",
              str(args.n_latent_dimensions), "--n-linear-layers", str(args.n_linear_layers),
              "--n-neurons-per-layer", str(args.n_neurons_per_layer), "--batch-size",
@@ -216,7 +216,8 @@ def compare(args: argparse.Namespace) -> None:
                                 "--early-stopping-patience", "0", "--n-threads",
                                 str(args.n_threads)] + model + gpu + args.own_options,
                          work / "own.log")
-    own = own_epochs(text, n_train)
+    training = OWN_TRAINING.search(text)  # "N1 + N2 particles, M held out for validation"
+    own = own_epochs(text, int(training[1]) + int(training[2])) if training else []
     if not own:
         raise SystemExit(f"no epochs in {work / 'own.log'}:\n{text[-3000:]}")
 
@@ -226,10 +227,12 @@ def compare(args: argparse.Namespace) -> None:
          str(ref_dir), "--gpu-id", "-1" if args.device == "cpu" else "0", "--n-epochs",
          str(args.n_epochs), "--n-threads", str(args.n_threads)] + model,
         work / "reference.log", timeout=args.reference_seconds)
-    stdout_copy = ref_dir / "std.out"  # the reference's own copy of what it prints
+    # the reference tees what it prints into std.out, flushed at every write (its buffered
+    # stdout may lose the last lines when it is stopped); the log until it got that far
+    stdout_copy = ref_dir / "std.out"
     if stdout_copy.exists():
-        ref_text += stdout_copy.read_text(errors="replace")
-    ref = sorted(set(reference_epochs(ref_text, args.reference_warmup_epochs)))
+        ref_text = stdout_copy.read_text(errors="replace")
+    ref = reference_epochs(ref_text, args.reference_warmup_epochs)
     if not any(j for _, _, j in ref):
         raise SystemExit(f"no joint epochs of the reference in {work / 'reference.log'} "
                          f"({'finished' if finished else 'stopped'} after {ref_wall:.0f} s):\n"
